@@ -1,0 +1,257 @@
+"""CIFAR-10 on disk and in memory: a safe batch reader, a Dataset, loaders, an offline stand-in."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from transforms import seed_transform
+
+CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+BATCH_FOLDER = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCHES = ("test_batch",)
+IMAGE_BYTES = 32 * 32 * 3
+
+# Everything a CIFAR-10 python batch is built from. numpy 2 renamed numpy.core to numpy._core;
+# batches pickled under either name are read. Python 3 writes bytes in protocol 2 through
+# _codecs.encode, a pure function.
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"): codecs.encode,
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class CIFAR10FormatError(ValueError):
+    """A CIFAR-10 batch file that is unsafe, corrupt, or not in the expected format."""
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle asked for a global that a CIFAR-10 batch never contains."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and builtins only, so a file can never run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        """Resolve only the globals a CIFAR-10 batch needs; refuse everything else."""
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _ForbiddenGlobal(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, "
+                "lists, strings and numbers"
+            ) from None
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one python batch file into (uint8 N x 32 x 32 x 3 images, int64 N labels)."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="latin1").load()
+    except _ForbiddenGlobal as err:
+        raise CIFAR10FormatError(
+            f"{path}: not a safe CIFAR-10 batch ({err}). Delete the folder and download again."
+        ) from err
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError) as err:
+        raise CIFAR10FormatError(
+            f"{path}: truncated or corrupt batch ({type(err).__name__}: {err}). "
+            "Delete the folder and download again."
+        ) from err
+    return _images_and_labels(batch, path)
+
+
+def _images_and_labels(batch: object, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a decoded batch dict and reshape its rows into HWC images."""
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise CIFAR10FormatError(
+            f"{path}: expected a dict with 'data' and 'labels' (the CIFAR-10 python format). "
+            "Point the loader at a cifar-10-batches-py folder, or download it again."
+        )
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"])
+    if data.ndim != 2 or data.shape[1] != IMAGE_BYTES or data.dtype != np.uint8:
+        raise CIFAR10FormatError(
+            f"{path}: data has shape {data.shape} and dtype {data.dtype}; expected uint8 rows of "
+            f"{IMAGE_BYTES} bytes (N x 3072). Download the batches again."
+        )
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise CIFAR10FormatError(
+            f"{path}: {labels.shape} labels for {len(data)} images; expected one integer each. "
+            "Download the batches again."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise CIFAR10FormatError(
+            f"{path}: labels span {labels.min()}..{labels.max()}; CIFAR-10 labels are 0..9. "
+            "Is this CIFAR-100? Download CIFAR-10 again."
+        )
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int64)
+
+
+def load_cifar10(
+    root: str | os.PathLike, train: bool = True, download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load CIFAR-10 from `root/cifar-10-batches-py` as (uint8 N x 32 x 32 x 3, int64 N).
+
+    Args:
+        root: the folder that holds (or will hold) `cifar-10-batches-py/`.
+        train: the training batches (data_batch_1..5) if True, else test_batch.
+        download: fetch the official archive with torchvision when the batches are missing.
+
+    Any folder in the python-batch format works, including one with fewer batches or fewer
+    images per batch. Every present batch of the split is read.
+    """
+    folder = Path(root) / BATCH_FOLDER
+    names = TRAIN_BATCHES if train else TEST_BATCHES
+    if not any((folder / name).is_file() for name in names):
+        if not download:
+            raise FileNotFoundError(
+                f"No CIFAR-10 {'training' if train else 'test'} batches in {folder}. "
+                "Pass download=True to fetch them, or point root at the folder that "
+                f"contains {BATCH_FOLDER}/."
+            )
+        _download(Path(root))
+    paths = [folder / name for name in names if (folder / name).is_file()]
+    parts = [read_batch(path) for path in paths]
+    images = np.concatenate([images for images, _ in parts])
+    labels = np.concatenate([labels for _, labels in parts])
+    return images, labels
+
+
+def _download(root: Path) -> None:
+    """Fetch and unpack the official CIFAR-10 python archive (md5-checked) into `root`."""
+    from torchvision.datasets import CIFAR10
+
+    CIFAR10(root=str(root), train=True, download=True)
+
+
+class CIFAR10Dataset(Dataset):
+    """In-memory CIFAR-10 images (HWC uint8) with an albumentations-style transform.
+
+    Args:
+        images: uint8 array N x 32 x 32 x 3.
+        labels: integer array of N class indices.
+        transform: callable taking `image=` (HWC uint8) and returning {"image": CHW tensor}.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        transform: Callable[..., dict] | None = None,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels; they must match")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            tensor = self.transform(image=image)["image"]
+        else:
+            tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)
+        return tensor, int(self.labels[index])
+
+
+def synthetic_cifar10(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable offline stand-in for CIFAR-10: per class a fixed colour pattern plus noise.
+
+    Returns (uint8 n x 32 x 32 x 3, int64 n) with classes in turn (balanced).
+    """
+    rng = np.random.default_rng(seed)
+    patterns = np.random.default_rng(12345).uniform(40, 215, size=(len(CLASSES), 8, 8, 3))
+    patterns = patterns.repeat(4, axis=1).repeat(4, axis=2)  # 8x8 blocks -> 32x32
+    labels = np.arange(n, dtype=np.int64) % len(CLASSES)
+    noise = rng.normal(0.0, 40.0, size=(n, 32, 32, 3))
+    images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def make_loaders(
+    train_set: Dataset,
+    test_set: Dataset,
+    batch_size: int,
+    workers: int | None = None,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader]:
+    """A shuffled, seeded train loader and an ordered test loader.
+
+    Args:
+        train_set, test_set: the datasets.
+        batch_size: images per batch (the test loader uses twice as many: no gradients).
+        workers: loader processes; None picks one per CPU core, up to 8.
+        seed: seeds the shuffle and the workers' augmentation, for a repeatable order.
+    """
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    pin = torch.cuda.is_available()
+    persistent = workers > 0
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > batch_size,  # a tiny last batch would upset BatchNorm
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=persistent,
+        generator=generator,
+        worker_init_fn=_seed_worker,
+    )
+    test_loader = DataLoader(
+        test_set,
+        batch_size=2 * batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=persistent,
+    )
+    seed_epoch(train_loader, seed)
+    return train_loader, test_loader
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream, derived from the loader's seed."""
+    info = get_worker_info()
+    seed_transform(getattr(info.dataset, "transform", None), info.seed % 2**32)
+
+
+def seed_epoch(loader: DataLoader, seed: int) -> None:
+    """Make the next epoch's shuffle (and in-process augmentation) a function of `seed` alone.
+
+    With loader workers the augmentation streams live in the workers, seeded when they start,
+    so a resumed run then matches an uninterrupted one in distribution rather than bit for bit.
+    """
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed)
+    if loader.num_workers == 0:
+        seed_transform(getattr(loader.dataset, "transform", None), seed)

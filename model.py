@@ -1,0 +1,305 @@
+"""The CIFAR-10 network, and the checks that prove it meets the brief.
+
+The brief: blocks C1 C2 C3 C4 then an output head; no max-pooling (downsample with 3x3
+stride-2 convs); receptive field > 44; at least one depthwise-separable and one dilated
+conv; global average pooling then a 1x1 conv to the classes; < 200,000 parameters.
+Every one of those is measured on the live model by `check_brief`, never asserted in prose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+INPUT_SHAPE = (3, 32, 32)
+MAX_PARAMETERS = 200_000
+MIN_RECEPTIVE_FIELD = 45  # the brief says "> 44"
+
+# Channel widths of C1..C4. Params grow with width^2 but multiply-adds with width^2 * area,
+# so the cheap-in-params 32x32 stage stays narrow and the 8x8 stages take the width.
+WIDTHS = (32, 64, 128, 128)
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 (or kxk) convolution, BatchNorm, ReLU; 'same' padding for any dilation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+    ) -> None:
+        padding = dilation * (kernel_size - 1) // 2
+        super().__init__(
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=False,  # BatchNorm's shift makes a conv bias redundant
+            ),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SeparableConvBNReLU(nn.Sequential):
+    """Depthwise-separable conv: a depthwise 3x3 (groups == channels), then a pointwise 1x1."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(
+                in_channels,
+                in_channels,
+                3,
+                padding=dilation,
+                dilation=dilation,
+                groups=in_channels,
+                bias=False,
+            ),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Residual(nn.Module):
+    """x + body(x): an identity shortcut, so the block can only add to what it is given."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Net(nn.Module):
+    """C1 C2 C3 C4 + head for 3x32x32 images; returns logits (use cross-entropy on them).
+
+    Args:
+        num_classes: size of the output layer.
+
+    C1 (32x32) two convs, then a stride-2 3x3 down to 16x16.
+    C2 (16x16) a residual pair whose second conv is dilated (dilation 2), then stride-2 to 8x8.
+    C3 (8x8)   a residual pair of full 3x3 convs... kept separable to stay under budget.
+    C4 (8x8)   a residual depthwise-separable conv.
+    Head: global average pooling, then a 1x1 conv to the classes.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        w1, w2, w3, w4 = WIDTHS
+        self.c1 = nn.Sequential(
+            ConvBNReLU(3, w1),
+            ConvBNReLU(w1, w1),
+            ConvBNReLU(w1, w2, stride=2),
+        )
+        self.c2 = nn.Sequential(
+            Residual(ConvBNReLU(w2, w2, dilation=2)),
+            ConvBNReLU(w2, w3, stride=2),
+        )
+        self.c3 = nn.Sequential(
+            Residual(SeparableConvBNReLU(w3, w3), SeparableConvBNReLU(w3, w3)),
+        )
+        self.c4 = nn.Sequential(
+            Residual(SeparableConvBNReLU(w3, w4, dilation=2)),
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(w4, num_classes, 1),
+            nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != INPUT_SHAPE:
+            raise ValueError(
+                f"Net expects a batch of shape (N, 3, 32, 32); got {tuple(x.shape)}. "
+                "Add a batch dimension with x.unsqueeze(0), or convert grey / resized "
+                "images back to 3-channel 32x32 CIFAR-10 images."
+            )
+        return self.head(self.c4(self.c3(self.c2(self.c1(x)))))
+
+
+@dataclass
+class LayerRF:
+    """One row of the receptive-field table: a spatial layer, in the order it runs."""
+
+    layer: str
+    kernel: int
+    stride: int
+    dilation: int
+    output_size: int
+    jump: int
+    receptive_field: int
+
+
+def _spatial_layers(model: nn.Module, input_size: int) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, output side) for every conv and pooling layer, in forward order.
+
+    Hooks record the order the layers actually run in, so nothing depends on how the
+    model's attributes happen to be declared. Global average pooling ends the walk.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    seen: list[tuple[str, nn.Module, int]] = []
+    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+    def record(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        seen.append((names[module], module, output.shape[-1]))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, kinds)]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, INPUT_SHAPE[0], input_size, input_size, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _geometry(module: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, dilation) of a conv or pooling layer; None for adaptive (global) pools."""
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return None
+
+    def first(value: int | tuple[int, ...]) -> int:
+        return value[0] if isinstance(value, tuple) else value
+
+    dilation = getattr(module, "dilation", 1)
+    return first(module.kernel_size), first(module.stride), first(dilation)
+
+
+def receptive_field_table(model: nn.Module, input_size: int = 32) -> list[LayerRF]:
+    """Per-layer receptive field, walking the layers' kernel, stride and dilation in order.
+
+    r_out = r_in + (k - 1) * dilation * j_in;  j_out = j_in * stride.
+    An identity shortcut leaves both unchanged, so the deepest path sets the RF.
+    """
+    rows: list[LayerRF] = []
+    rf, jump = 1, 1
+    for name, module, size in _spatial_layers(model, input_size):
+        geometry = _geometry(module)
+        if geometry is None:  # global pooling: the RF is taken at the feature map before it
+            break
+        kernel, stride, dilation = geometry
+        rf += (kernel - 1) * dilation * jump
+        jump *= stride
+        rows.append(LayerRF(name, kernel, stride, dilation, size, jump, rf))
+    return rows
+
+
+def receptive_field(model: nn.Module, input_size: int = 32) -> int:
+    """Receptive field (pixels) of one unit of the last feature map before global pooling."""
+    table = receptive_field_table(model, input_size)
+    return table[-1].receptive_field if table else 1
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class BriefCheck:
+    """One rule of the brief, the value measured on the model, and whether it holds."""
+
+    rule: str
+    measured: str
+    passed: bool
+
+
+def _separable_pairs(layers: list[tuple[str, nn.Module, int]]) -> list[str]:
+    """Depthwise 3x3 convs (groups == channels) whose next conv is a 1x1 pointwise conv."""
+    convs = [(name, m) for name, m, _ in layers if isinstance(m, nn.Conv2d)]
+    pairs = []
+    for (name, conv), (_, nxt) in zip(convs, convs[1:]):
+        depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+        pointwise = nxt.kernel_size == (1, 1) and nxt.groups == 1
+        if depthwise and conv.kernel_size == (3, 3) and pointwise:
+            pairs.append(name)
+    return pairs
+
+
+def _is_global_average_pool(module: nn.Module, output_size: int) -> bool:
+    """An average pool whose output is 1x1: global average pooling, however it is spelled."""
+    return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)) and output_size == 1
+
+
+def _output_shape(model: nn.Module) -> tuple[int, ...]:
+    """Shape of the model's output for a batch of two zero images."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            return tuple(model(torch.zeros(2, *INPUT_SHAPE, device=device)).shape)
+    finally:
+        model.train(was_training)
+
+
+def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
+    """Every rule of the brief, measured on the live model."""
+    layers = _spatial_layers(model, INPUT_SHAPE[1])
+    gap = next((i for i, (_, m, size) in enumerate(layers) if _is_global_average_pool(m, size)), None)
+    body, head = (layers[:gap], layers[gap + 1 :]) if gap is not None else (layers, [])
+    convs = [(name, m) for name, m, _ in body if isinstance(m, nn.Conv2d)]
+    blocks = [name for name in ("c1", "c2", "c3", "c4", "head") if hasattr(model, name)]
+    maxpools = [n for n, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))]
+    strided = [(name, m) for name, m, _ in body if _geometry(m)[1] > 1]
+    not_3x3_conv = [n for n, m in strided if not (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))]
+    dilated = [name for name, m in convs if _geometry(m)[2] > 1]
+    separable = _separable_pairs(body)
+    head_is_1x1 = gap is not None and all(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for _, m, _ in head
+    )
+    params = count_parameters(model)
+    rf = receptive_field(model)
+    outputs = _output_shape(model)
+    return [
+        BriefCheck("blocks C1 C2 C3 C4 + head", ", ".join(blocks), len(blocks) == 5),
+        BriefCheck("parameters < 200,000", f"{params:,}", params < MAX_PARAMETERS),
+        BriefCheck("no max-pooling", f"{len(maxpools)} max-pool layers", not maxpools),
+        BriefCheck(
+            "downsampling only by 3x3 stride-2 convs",
+            f"not 3x3 convs: {', '.join(not_3x3_conv)}" if not_3x3_conv
+            else f"{len(strided)} stride-2 3x3 convs",
+            not not_3x3_conv,
+        ),
+        BriefCheck(f"receptive field > {MIN_RECEPTIVE_FIELD - 1}", f"{rf} px", rf >= MIN_RECEPTIVE_FIELD),
+        BriefCheck("a dilated conv", ", ".join(dilated) or "none", bool(dilated)),
+        BriefCheck("a depthwise-separable conv", ", ".join(separable) or "none", bool(separable)),
+        BriefCheck(
+            "global average pooling, then 1x1 conv/FC",
+            f"{layers[gap][0]} -> 1x1" if gap is not None else "no global average pooling",
+            head_is_1x1,
+        ),
+        BriefCheck(f"{num_classes} outputs (logits)", f"shape {outputs}", outputs == (2, num_classes)),
+    ]
+
+
+def model_summary(model: nn.Module) -> str:
+    """The torchsummary table for a 3x32x32 input, on the device the model is on."""
+    from torchsummary import summary
+
+    device = next(model.parameters()).device
+    # torchsummary knows only "cuda" and "cpu"; summarise a CPU copy on anything else.
+    target = model if device.type in ("cuda", "cpu") else copy.deepcopy(model).cpu()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        summary(target, INPUT_SHAPE, device=next(target.parameters()).device.type)
+    return buffer.getvalue()

@@ -1,0 +1,133 @@
+"""The network meets the brief, and the brief checks catch a network that does not."""
+
+import pytest
+import torch
+from torch import nn
+
+from model import (
+    MAX_PARAMETERS,
+    Net,
+    SeparableConvBNReLU,
+    check_brief,
+    count_parameters,
+    model_summary,
+    receptive_field,
+    receptive_field_table,
+)
+
+
+def conv(stride: int = 1, dilation: int = 1, channels: int = 3) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, 3, stride=stride, dilation=dilation, padding=dilation)
+
+
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        ([conv()], 3),
+        ([conv(), conv()], 5),
+        ([conv(stride=2), conv()], 7),
+        ([conv(dilation=2)], 5),
+        ([conv(stride=2), conv(stride=2), conv()], 15),
+        ([conv(stride=2), conv(dilation=2)], 11),
+        ([conv(), nn.MaxPool2d(2), conv()], 8),
+    ],
+)
+def test_receptive_field_of_hand_checked_stacks(layers: list[nn.Module], expected: int) -> None:
+    assert receptive_field(nn.Sequential(*layers)) == expected
+
+
+def test_receptive_field_stops_at_global_pooling() -> None:
+    stack = nn.Sequential(conv(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 10, 1))
+    assert receptive_field(stack) == 3
+
+
+def test_net_receptive_field_exceeds_44_and_table_is_consistent() -> None:
+    net = Net()
+    table = receptive_field_table(net)
+    assert receptive_field(net) == table[-1].receptive_field > 44
+    assert [row.output_size for row in table][0] == 32
+    assert table[-1].output_size == 8
+    assert all(a.receptive_field <= b.receptive_field for a, b in zip(table, table[1:]))
+
+
+def test_net_passes_every_rule_of_the_brief() -> None:
+    rows = check_brief(Net())
+    failed = [row for row in rows if not row.passed]
+    assert not failed, failed
+    assert len(rows) == 9
+
+
+def test_net_is_small_and_returns_logits() -> None:
+    net = Net().eval()
+    assert count_parameters(net) < MAX_PARAMETERS
+    out = net(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10)
+    # Logits, not log-probabilities: they do not exponentiate to a distribution.
+    assert not torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 28, 28), (3, 32, 32)])
+def test_net_rejects_wrong_input_shapes_with_the_expected_shape(shape: tuple) -> None:
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        Net()(torch.randn(*shape))
+
+
+class BrokenNet(nn.Module):
+    """A net that satisfies the brief until one part of it is swapped out."""
+
+    def __init__(self, **parts: nn.Module) -> None:
+        super().__init__()
+        default = {
+            "c1": nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()),
+            "c2": nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU()),
+            "c3": nn.Sequential(nn.Conv2d(16, 16, 3, padding=8, dilation=8), nn.ReLU()),
+            "c4": nn.Sequential(SeparableConvBNReLU(16, 16, dilation=4)),
+            "head": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 10, 1), nn.Flatten()),
+        }
+        default.update(parts)
+        for name, module in default.items():
+            setattr(self, name, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in ("c1", "c2", "c3", "c4", "head"):
+            x = getattr(self, name)(x)
+        return x
+
+
+def failed_rules(net: nn.Module) -> set[str]:
+    return {row.rule for row in check_brief(net) if not row.passed}
+
+
+def test_the_reference_broken_net_passes() -> None:
+    assert failed_rules(BrokenNet()) == set()
+
+
+@pytest.mark.parametrize(
+    "parts, rule",
+    [
+        ({"c2": nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.MaxPool2d(2))}, "no max-pooling"),
+        ({"c2": nn.Sequential(nn.Conv2d(16, 16, 1, stride=2))}, "downsampling only by 3x3 stride-2 convs"),
+        ({"c3": nn.Sequential(conv(channels=16)), "c4": SeparableConvBNReLU(16, 16)}, "a dilated conv"),
+        ({"c4": nn.Sequential(conv(dilation=4, channels=16))}, "a depthwise-separable conv"),
+        ({"head": nn.Sequential(nn.Flatten(), nn.LazyLinear(10))}, "global average pooling, then 1x1 conv/FC"),
+        ({"head": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 7, 1), nn.Flatten())}, "10 outputs (logits)"),
+        ({"c3": nn.Sequential(nn.Conv2d(16, 16, 1))}, "receptive field > 44"),
+        ({"c3": nn.Sequential(nn.Conv2d(16, 16, 3, padding=8, dilation=8), nn.Conv2d(16, 2048, 1), nn.Conv2d(2048, 16, 3, padding=1))}, "parameters < 200,000"),
+    ],
+)
+def test_brief_check_fails_a_net_that_breaks_one_rule(parts: dict, rule: str) -> None:
+    assert rule in failed_rules(BrokenNet(**parts))
+
+
+def test_brief_check_needs_all_four_blocks_and_head() -> None:
+    class NoBlocks(nn.Sequential):
+        pass
+
+    net = NoBlocks(BrokenNet().c1, BrokenNet().c2, BrokenNet().c3, BrokenNet().c4, BrokenNet().head)
+    assert "blocks C1 C2 C3 C4 + head" in failed_rules(net)
+
+
+def test_model_summary_is_the_torchsummary_table() -> None:
+    text = model_summary(Net())
+    assert f"Total params: {count_parameters(Net()):,}" in text
+    assert "Conv2d" in text and "AdaptiveAvgPool2d" in text

@@ -1,0 +1,549 @@
+"""Training and reporting: the recipe, the train/evaluate loop, checkpoints, and the plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dataset import CLASSES, seed_epoch
+from transforms import denormalize
+
+
+def get_device() -> torch.device:
+    """The fastest device present: CUDA, then Apple MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe. The defaults are the project's best measured recipe."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    # One-cycle: warm up linearly from max_lr/div_factor to max_lr over the first
+    # warmup_fraction of steps, then anneal linearly to max_lr/(div_factor*final_div_factor).
+    max_lr: float = 0.2
+    warmup_fraction: float = 0.2
+    div_factor: float = 10.0
+    final_div_factor: float = 100.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    # Applied to conv/linear weights only: decaying BatchNorm scales and biases only hurts.
+    weight_decay: float = 5e-4
+    # Softened targets: cheap regularisation that helps most when data is small.
+    label_smoothing: float = 0.1
+    seed: int = 0
+    # Progress-bar refresh and NaN check, in batches: each costs a device sync on a GPU.
+    log_every: int = 20
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of a run (accuracies in percent), plus the per-batch learning rate."""
+
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    batch_lr: list[float] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        """Number of completed epochs."""
+        return len(self.test_acc)
+
+    @property
+    def best_test_acc(self) -> float:
+        """Highest test accuracy of any epoch (percent)."""
+        return max(self.test_acc, default=float("nan"))
+
+    def first_epoch_reaching(self, accuracy: float) -> int | None:
+        """The first epoch (1-based) whose test accuracy is >= `accuracy`, or None."""
+        return next((i + 1 for i, acc in enumerate(self.test_acc) if acc >= accuracy), None)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain lists, for JSON and checkpoints."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the history as JSON, atomically."""
+        _atomic_write(Path(path), lambda f: f.write(json.dumps(self.to_dict()).encode()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> History:
+        """Read a history written by `save`."""
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; weight decay on weights of rank > 1 only."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.max_lr / config.div_factor,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+    )
+
+
+def _make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """A per-batch one-cycle schedule that spans exactly `epochs` epochs."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.max_lr,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        pct_start=config.warmup_fraction,
+        div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor,
+        anneal_strategy="linear",
+        cycle_momentum=False,
+    )
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device | str | None = None
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (percent) of `model` over `loader`."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    with torch.inference_mode(), _autocast(device):
+        for images, labels in loader:
+            images, labels = _to_device(images, labels, device)
+            logits = model(images)
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+            count += len(labels)
+    if count == 0:
+        raise ValueError("evaluate got an empty loader: the test set has no images")
+    return loss_sum.item() / count, 100.0 * correct.item() / count
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """float16 autocast on CUDA (tensor cores, also on a Colab T4); a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def _to_device(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to the device; channels-last on CUDA, where the conv kernels want NHWC."""
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=fmt)
+    return images, labels.to(device, non_blocking=True)
+
+
+@dataclass
+class _TrainState:
+    """What a checkpoint must hold to continue a run exactly."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    scaler: torch.amp.GradScaler
+    history: History
+
+
+def _save_checkpoint(path: Path, state: _TrainState, config: TrainConfig, epochs: int) -> None:
+    """Atomically write model, optimizer, scheduler, scaler and history to `path`."""
+    payload = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "history": state.history.to_dict(),
+        "config": dataclasses.asdict(config),
+        "epochs": epochs,
+    }
+    _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig, epochs: int) -> None:
+    """Restore `state` from a checkpoint written by the same recipe; refuse a different one."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = {**payload["config"], "epochs": payload["epochs"]}
+    wanted = {**dataclasses.asdict(config), "epochs": epochs}
+    if saved != wanted:
+        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        raise ValueError(
+            f"{path} was written by a different recipe (differs in: {', '.join(changed)}). "
+            "Resume with the same config and epochs, or use a new checkpoint_dir."
+        )
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.scaler.load_state_dict(payload["scaler"])
+    state.history = History(**payload["history"])
+
+
+def _train_epoch(
+    state: _TrainState,
+    loader: DataLoader,
+    device: torch.device,
+    config: TrainConfig,
+    epoch: int,
+    progress: bool,
+) -> tuple[float, float]:
+    """One pass over `loader` with per-batch LR steps; returns (mean loss, accuracy %)."""
+    model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    model.train()
+    losses: list[torch.Tensor] = []
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
+    for batch, (images, labels) in enumerate(bar, start=1):
+        images, labels = _to_device(images, labels, device)
+        with _autocast(device):
+            logits = model(images)
+            loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        state.history.batch_lr.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+        losses.append(loss.detach())
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+        if batch % config.log_every == 0 or batch == len(loader):
+            recent = torch.stack(losses[-config.log_every :]).cpu()
+            _check_finite(recent, epoch, batch - len(recent) + 1)
+            bar.set_postfix(
+                loss=f"{recent.mean().item():.3f}",
+                acc=f"{100.0 * correct.item() / count:.1f}",
+                lr=f"{state.history.batch_lr[-1]:.4f}",
+            )
+    return torch.stack(losses).mean().item(), 100.0 * correct.item() / count
+
+
+def _check_finite(losses: torch.Tensor, epoch: int, first_batch: int) -> None:
+    """Raise NonFiniteLossError naming the first batch whose loss is NaN or infinite."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        batch = first_batch + int(bad[0])
+        raise NonFiniteLossError(
+            f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, batch {batch}. "
+            "The learning rate is probably too high for this setup: lower max_lr (or check "
+            "the inputs for NaNs). The checkpoints still hold the last good epoch."
+        )
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    epochs: int | None = None,
+    device: torch.device | str | None = None,
+    config: TrainConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> History:
+    """Train `model` with the one-cycle recipe, evaluating on `test_loader` after every epoch.
+
+    Args:
+        model: the network (moved to `device`).
+        train_loader, test_loader: from `dataset.make_loaders`.
+        epochs: overrides `config.epochs`; the one-cycle schedule spans exactly this many.
+        device: defaults to `get_device()`.
+        config: the recipe; defaults to `TrainConfig()`.
+        checkpoint_dir: if given, `last.pt`, `best.pt` and `history.json` are written there
+            atomically after every epoch.
+        resume: continue from `checkpoint_dir/last.pt` when it exists.
+        progress: show tqdm bars and the one-line epoch summaries.
+
+    Returns:
+        The run's History (the resumed one, extended, when resuming).
+    """
+    config = config or TrainConfig()
+    epochs = epochs if epochs is not None else config.epochs
+    device = torch.device(device) if device is not None else get_device()
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir: the folder holding last.pt")
+    if len(train_loader) == 0:
+        raise ValueError("the train loader yields no batches: the training set is empty")
+
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(model, config)
+    state = _TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=_make_scheduler(optimizer, config, epochs, len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
+        history=History(),
+    )
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and (folder / "last.pt").exists():
+        _load_checkpoint(folder / "last.pt", state, config, epochs)
+
+    for epoch in range(state.history.epochs + 1, epochs + 1):
+        seed_epoch(train_loader, config.seed * 100_003 + epoch)
+        start = time.perf_counter()
+        train_loss, train_acc = _train_epoch(state, train_loader, device, config, epoch, progress)
+        test_loss, test_acc = evaluate(model, test_loader, device)
+        _record(state.history, train_loss, train_acc, test_loss, test_acc, start)
+        if progress:
+            tqdm.write(_summary(state.history, epochs))
+        if folder is not None:
+            _save_checkpoint(folder / "last.pt", state, config, epochs)
+            if test_acc >= state.history.best_test_acc:
+                _save_checkpoint(folder / "best.pt", state, config, epochs)
+            state.history.save(folder / "history.json")
+    return state.history
+
+
+def _record(
+    history: History,
+    train_loss: float,
+    train_acc: float,
+    test_loss: float,
+    test_acc: float,
+    start: float,
+) -> None:
+    """Append one epoch's metrics to the history."""
+    history.train_loss.append(train_loss)
+    history.train_acc.append(train_acc)
+    history.test_loss.append(test_loss)
+    history.test_acc.append(test_acc)
+    history.lr.append(history.batch_lr[-1])
+    history.seconds.append(time.perf_counter() - start)
+
+
+def _summary(history: History, epochs: int) -> str:
+    """One line per epoch: losses, accuracies, learning rate, time."""
+    i = history.epochs - 1
+    return (
+        f"epoch {i + 1:>3}/{epochs}  train loss {history.train_loss[i]:.3f} "
+        f"acc {history.train_acc[i]:5.2f}%  test loss {history.test_loss[i]:.3f} "
+        f"acc {history.test_acc[i]:5.2f}%  lr {history.lr[i]:.4f}  {history.seconds[i]:.1f}s"
+    )
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the model weights of a checkpoint written by `fit` (tensors only: weights_only)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    return model
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def format_table(rows: Sequence[object]) -> str:
+    """A Markdown table of dataclass rows (their fields are the columns)."""
+    if not rows:
+        return ""
+    names = [f.name for f in dataclasses.fields(rows[0])]
+    cells = [[_cell(getattr(row, name)) for name in names] for row in rows]
+    widths = [max(len(x) for x in column) for column in zip(names, *cells)]
+    lines = [names, ["-" * w for w in widths], *cells]
+    return "\n".join(
+        "| " + " | ".join(x.ljust(w) for x, w in zip(line, widths)) + " |" for line in lines
+    )
+
+
+def _cell(value: object) -> str:
+    """Table text for one value: thousands separators for ints, yes/no for bools."""
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _finish(fig: plt.Figure, path: str | os.PathLike | None) -> plt.Figure:
+    """Tighten the layout and save the figure when a path is given."""
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_history(history: History, path: str | os.PathLike | None = None) -> plt.Figure:
+    """Loss and accuracy per epoch, train and test."""
+    epochs = range(1, history.epochs + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4))
+    ax_loss.plot(epochs, history.train_loss, label="train (label-smoothed)")
+    ax_loss.plot(epochs, history.test_loss, label="test")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.plot(epochs, history.train_acc, label="train (augmented)")
+    ax_acc.plot(epochs, history.test_acc, label="test")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _finish(fig, path)
+
+
+def plot_lr_schedule(history: History, path: str | os.PathLike | None = None) -> plt.Figure:
+    """The learning rate of every batch: the one-cycle shape, as it was actually applied."""
+    steps_per_epoch = len(history.batch_lr) / max(history.epochs, 1)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(np.arange(len(history.batch_lr)) / steps_per_epoch, history.batch_lr)
+    ax.set(title="One-cycle learning rate", xlabel="epoch", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def show_samples(
+    images: Sequence[torch.Tensor],
+    titles: Sequence[str],
+    path: str | os.PathLike | None = None,
+    columns: int = 8,
+) -> plt.Figure:
+    """A grid of normalised 3xHxW image tensors, denormalised for display, with titles."""
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(denormalize(image))
+        ax.set_title(title, fontsize=9)
+    return _finish(fig, path)
+
+
+@dataclass
+class Misclassified:
+    """One wrong prediction: the (normalised) image, true and predicted class, confidence."""
+
+    image: torch.Tensor
+    true: int
+    predicted: int
+    confidence: float
+
+
+def misclassified(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+) -> list[Misclassified]:
+    """The test images `model` gets wrong, most confident mistakes first."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    records: list[Misclassified] = []
+    with torch.inference_mode(), _autocast(device):
+        for images, labels in loader:
+            probs = model(_to_device(images, labels, device)[0]).float().softmax(1).cpu()
+            confidence, predicted = probs.max(1)
+            for i in (predicted != labels).nonzero().flatten().tolist():
+                records.append(
+                    Misclassified(images[i], int(labels[i]), int(predicted[i]), float(confidence[i]))
+                )
+    records.sort(key=lambda r: r.confidence, reverse=True)
+    return records[:limit]
+
+
+def plot_misclassified(
+    records: Sequence[Misclassified],
+    path: str | os.PathLike | None = None,
+    count: int = 20,
+    columns: int = 5,
+) -> plt.Figure:
+    """A grid of mistakes titled 'true -> predicted (confidence)'."""
+    shown = list(records[:count])
+    titles = [
+        f"{CLASSES[r.true]}\n→ {CLASSES[r.predicted]} ({100 * r.confidence:.0f}%)" for r in shown
+    ]
+    return show_samples([r.image for r in shown], titles, path=path, columns=columns)
+
+
+def confusion_matrix(
+    model: nn.Module, loader: DataLoader, device: torch.device | str | None = None
+) -> np.ndarray:
+    """Counts of (true class, predicted class) over `loader`: a 10x10 int array."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    matrix = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
+    with torch.inference_mode(), _autocast(device):
+        for images, labels in loader:
+            predicted = model(_to_device(images, labels, device)[0]).argmax(1).cpu()
+            matrix += torch.bincount(
+                labels * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2
+            ).view(len(CLASSES), len(CLASSES))
+    return matrix.numpy()
+
+
+def per_class_accuracy(matrix: np.ndarray) -> dict[str, float]:
+    """Accuracy (percent) of each class, from a confusion matrix."""
+    totals = matrix.sum(1)
+    return {
+        name: (100.0 * matrix[i, i] / totals[i]) if totals[i] else float("nan")
+        for i, name in enumerate(CLASSES)
+    }
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray, path: str | os.PathLike | None = None
+) -> plt.Figure:
+    """The confusion matrix as a heat map, rows normalised to the true-class counts."""
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        color = "white" if rates[i, j] > 0.5 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test)")
+    return _finish(fig, path)
