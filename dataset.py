@@ -6,6 +6,7 @@ import codecs
 import os
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,61 @@ def load_cifar10(
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts])
     return images, labels
+
+
+@dataclass
+class Splits:
+    """Train and test arrays, and where they came from (for the reader)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str
+
+
+def load_splits(
+    root: str | os.PathLike | None,
+    download: bool = False,
+    limit: tuple[int, int] | None = None,
+    synthetic_fallback: bool = False,
+) -> Splits:
+    """Both CIFAR-10 splits from `root`, optionally cut to (train, test) sizes.
+
+    Args:
+        root: the folder holding `cifar-10-batches-py/` (None: nothing on disk).
+        download: fetch CIFAR-10 when the batches are missing.
+        limit: keep only the first (train, test) images: a smoke run's slice.
+        synthetic_fallback: use `synthetic_cifar10` when no batches are on disk
+            (offline smoke runs and benchmarks) instead of raising.
+    """
+    on_disk = root is not None and (Path(root) / BATCH_FOLDER / TEST_BATCHES[0]).is_file()
+    if synthetic_fallback and not on_disk and not download:
+        images, labels = synthetic_cifar10(6000, seed=0)
+        train, test = (images[:5000], labels[:5000]), (images[5000:], labels[5000:])
+        source = "synthetic_cifar10 (no CIFAR-10 batches on disk)"
+    elif root is None:
+        raise FileNotFoundError("no CIFAR-10 folder given: pass root (the notebook reads S9_DATA)")
+    else:
+        train, test = load_cifar10(root, True, download), load_cifar10(root, False, download)
+        source = f"CIFAR-10 python batches in {Path(root) / BATCH_FOLDER}"
+    n_train, n_test = limit if limit is not None else (None, None)
+    return Splits(train[0][:n_train], train[1][:n_train], test[0][:n_test], test[1][:n_test], source)
+
+
+@dataclass
+class ClassCount:
+    """How many images of one class a split holds."""
+
+    label: int
+    name: str
+    images: int
+
+
+def class_counts(labels: np.ndarray) -> list[ClassCount]:
+    """Images per class, in label order."""
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    return [ClassCount(i, name, int(counts[i])) for i, name in enumerate(CLASSES)]
 
 
 def _download(root: Path) -> None:
