@@ -45,7 +45,7 @@ class TrainConfig:
     """The training recipe. The defaults are the project's best measured recipe."""
 
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int = 128
     # One-cycle: warm up linearly from max_lr/div_factor to max_lr over the first
     # warmup_fraction of steps, then anneal linearly to max_lr/(div_factor*final_div_factor).
     max_lr: float = 0.2
