@@ -93,8 +93,8 @@ class Net(nn.Module):
 
     C1 (32x32) two convs, then a stride-2 3x3 down to 16x16.
     C2 (16x16) a residual pair whose second conv is dilated (dilation 2), then stride-2 to 8x8.
-    C3 (8x8)   a residual pair of full 3x3 convs... kept separable to stay under budget.
-    C4 (8x8)   a residual depthwise-separable conv.
+    C3 (8x8)   a residual pair of depthwise-separable convs (full 3x3s would break the budget).
+    C4 (8x8)   a residual depthwise-separable conv whose depthwise 3x3 is dilated (RF 43 -> 51).
     Head: global average pooling, then a 1x1 conv to the classes.
     """
 
