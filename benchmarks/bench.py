@@ -1,6 +1,6 @@
 """Cost, speed and accuracy of `Net` beside the all-44-channel net we started from.
 
-    python benchmarks/bench.py            # the full run (README numbers), ~15 min on 2 CPU cores
+    python benchmarks/bench.py            # the full run (README numbers), ~6.5 min on 2 CPU cores
     python benchmarks/bench.py --quick    # a smoke run of a minute or two (CI)
 
 Prints a readable table and one JSON object (also written to --json). Accuracy runs use the
