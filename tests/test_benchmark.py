@@ -1,0 +1,50 @@
+"""The benchmark's cost measures are right, and Net is cheaper than the net we started from."""
+
+from torch import nn
+
+from benchmarks.baseline import BaselineNet
+from benchmarks.bench import multiply_adds, table
+from model import Net, check_brief, count_parameters
+
+STARTING_NET_MACS = 36_700_000
+
+
+def test_multiply_adds_of_one_conv_match_the_hand_count() -> None:
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert multiply_adds(conv) == 3 * 8 * 9 * 32 * 32
+
+
+def test_net_costs_fewer_multiply_adds_than_the_starting_net() -> None:
+    ours, theirs = multiply_adds(Net()), multiply_adds(BaselineNet())
+    assert ours < theirs <= STARTING_NET_MACS
+    assert count_parameters(Net()) < 200_000
+
+
+def test_the_rebuilt_starting_net_matches_its_description() -> None:
+    net = BaselineNet()
+    assert all(row.passed for row in check_brief(net))
+    widths = {m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)}
+    assert widths == {44}
+    assert isinstance(net.head[-1], nn.Linear)
+
+
+def test_table_puts_both_nets_side_by_side() -> None:
+    result = {
+        "nets": {
+            "Net": {"parameters": 194410, "multiply_adds": 32_564_480, "cpu_train_images_per_s": 802},
+            "BaselineNet": {"parameters": 179266, "multiply_adds": 36_659_832, "cpu_train_images_per_s": 690},
+        },
+        "accuracy": [
+            {"net": "Net", "epochs": 30, "train_images": 4153, "test_images": 1017,
+             "final_test_acc": 72.07, "best_test_acc": 72.07, "wall_seconds": 188.0},
+        ],
+        "data": "a sample",
+        "augmentation_images_per_s_one_worker": 11184,
+        "device": {"cuda": None},
+        "cuda": "skipped: no CUDA device",
+    }
+    lines = table(result).splitlines()
+    assert lines[0] == "| metric | Net | BaselineNet |"
+    assert "| multiply-adds / image | 32.56 M | 36.66 M |" in lines
+    assert "| test acc, final (%) | 72.07 | - |" in lines
+    assert "augmentation, one worker: 11,184 images/s" in lines
