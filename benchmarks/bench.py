@@ -1,7 +1,7 @@
 """Cost, speed and accuracy of `Net` beside the all-44-channel net we started from.
 
-    python benchmarks/bench.py            # the full run (README numbers), ~6.5 min on 2 CPU cores
-    python benchmarks/bench.py --quick    # a smoke run of a minute or two (CI)
+    python benchmarks/bench.py --seeds 0 1 2   # the README numbers, ~20 min on 2 CPU cores
+    python benchmarks/bench.py --quick         # a smoke run of a minute or two (CI)
 
 Prints a readable table and one JSON object (also written to --json). Accuracy runs use the
 CIFAR-10 folder named by S9_DATA (python-batch format) and fall back to synthetic data,
@@ -72,9 +72,11 @@ def augmentation_throughput(images: np.ndarray, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def accuracy_run(net_name: str, train: tuple, test: tuple, epochs: int, workers: int) -> dict:
-    """Train a fresh net with the default recipe, seed 0, on the CPU; the per-epoch curve."""
-    config = TrainConfig()
+def accuracy_run(
+    net_name: str, train: tuple, test: tuple, epochs: int, workers: int, seed: int = 0
+) -> dict:
+    """Train a fresh net with the default recipe and `seed` on the CPU; the per-epoch curve."""
+    config = dataclasses.replace(TrainConfig(), seed=seed)
     seed_everything(config.seed)
     model = NETS[net_name]()
     train_loader, test_loader = make_loaders(
@@ -89,6 +91,7 @@ def accuracy_run(net_name: str, train: tuple, test: tuple, epochs: int, workers:
                   progress=False)
     return {
         "net": net_name,
+        "seed": seed,
         "epochs": epochs,
         "train_images": len(train[1]),
         "test_images": len(test[1]),
@@ -130,6 +133,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a one-to-two-minute smoke run")
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs,
                         help="epochs of the accuracy runs (default: the recipe's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the accuracy runs, one run per net and seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
@@ -158,7 +163,9 @@ def main() -> None:
         }
     result["augmentation_images_per_s_one_worker"] = round(augmentation_throughput(train[0], aug_count))
     accuracy_nets = ["Net"] if args.quick else list(NETS)
-    result["accuracy"] = [accuracy_run(n, train, test, epochs, workers) for n in accuracy_nets]
+    result["accuracy"] = [
+        accuracy_run(n, train, test, epochs, workers, seed) for n in accuracy_nets for seed in args.seeds
+    ]
     if torch.cuda.is_available():
         result["cuda"] = [cuda_epoch_seconds(train, amp, workers) for amp in (True, False)]
     else:
@@ -172,24 +179,35 @@ def main() -> None:
         args.json.write_text(text + "\n")
 
 
+def seed_cell(runs: list[dict], key: str, spec: str) -> str:
+    """One value per seed, then their mean when there are several; '-' when there are none."""
+    values = [run[key] for run in runs]
+    if not values:
+        return "-"
+    text = " / ".join(format(value, spec) for value in values)
+    return text if len(values) == 1 else f"{text} (mean {sum(values) / len(values):{spec}})"
+
+
 def table(result: dict) -> str:
     """The headline numbers as a Markdown table, Net beside the baseline."""
     nets = result["nets"]
-    accuracy = {run["net"]: run for run in result["accuracy"]}
+    runs = {n: [run for run in result["accuracy"] if run["net"] == n] for n in nets}
+
     rows = [
         ("parameters", lambda n: f"{nets[n]['parameters']:,}"),
         ("multiply-adds / image", lambda n: f"{nets[n]['multiply_adds'] / 1e6:.2f} M"),
         ("CPU training images/s", lambda n: f"{nets[n]['cpu_train_images_per_s']:,}"),
-        ("test acc, final (%)", lambda n: f"{accuracy[n]['final_test_acc']:.2f}" if n in accuracy else "-"),
-        ("test acc, best epoch (%)", lambda n: f"{accuracy[n]['best_test_acc']:.2f}" if n in accuracy else "-"),
-        ("accuracy run wall time (s)", lambda n: f"{accuracy[n]['wall_seconds']:.0f}" if n in accuracy else "-"),
+        ("test acc, final (%)", lambda n: seed_cell(runs[n], "final_test_acc", ".2f")),
+        ("test acc, best epoch (%)", lambda n: seed_cell(runs[n], "best_test_acc", ".2f")),
+        ("accuracy run wall time (s)", lambda n: seed_cell(runs[n], "wall_seconds", ".0f")),
     ]
     lines = ["| metric | " + " | ".join(nets) + " |", "| --- |" + " --- |" * len(nets)]
     lines += [f"| {label} | " + " | ".join(cell(n) for n in nets) + " |" for label, cell in rows]
     run = result["accuracy"][0]
+    seeds = ", ".join(str(seed) for seed in sorted({r["seed"] for r in result["accuracy"]}))
     lines.append(
         f"\naccuracy: {run['epochs']} epochs, {run['train_images']:,} train / "
-        f"{run['test_images']:,} test images from {result['data']}, seed 0, CPU"
+        f"{run['test_images']:,} test images from {result['data']}, seeds {seeds}, CPU"
     )
     lines.append(f"augmentation, one worker: {result['augmentation_images_per_s_one_worker']:,} images/s")
     if isinstance(result["cuda"], list):

@@ -3,7 +3,7 @@
 from torch import nn
 
 from benchmarks.baseline import BaselineNet
-from benchmarks.bench import multiply_adds, table
+from benchmarks.bench import multiply_adds, seed_cell, table
 from model import Net, check_brief, count_parameters
 
 STARTING_NET_MACS = 36_700_000
@@ -35,7 +35,7 @@ def test_table_puts_both_nets_side_by_side() -> None:
             "BaselineNet": {"parameters": 179266, "multiply_adds": 36_659_832, "cpu_train_images_per_s": 690},
         },
         "accuracy": [
-            {"net": "Net", "epochs": 30, "train_images": 4153, "test_images": 1017,
+            {"net": "Net", "seed": 0, "epochs": 30, "train_images": 4153, "test_images": 1017,
              "final_test_acc": 72.07, "best_test_acc": 72.07, "wall_seconds": 188.0},
         ],
         "data": "a sample",
@@ -48,3 +48,10 @@ def test_table_puts_both_nets_side_by_side() -> None:
     assert "| multiply-adds / image | 32.56 M | 36.66 M |" in lines
     assert "| test acc, final (%) | 72.07 | - |" in lines
     assert "augmentation, one worker: 11,184 images/s" in lines
+
+
+def test_seed_cell_lists_each_seed_then_the_mean() -> None:
+    runs = [{"acc": 72.07}, {"acc": 70.70}, {"acc": 72.17}]
+    assert seed_cell(runs, "acc", ".2f") == "72.07 / 70.70 / 72.17 (mean 71.65)"
+    assert seed_cell(runs[:1], "acc", ".2f") == "72.07"
+    assert seed_cell([], "acc", ".2f") == "-"
