@@ -20,8 +20,8 @@ INPUT_SHAPE = (3, 32, 32)
 MAX_PARAMETERS = 200_000
 MIN_RECEPTIVE_FIELD = 45  # the brief says "> 44"
 
-# Channel widths of C1..C4. Params grow with width^2 but multiply-adds with width^2 * area,
-# so the cheap-in-params 32x32 stage stays narrow and the 8x8 stages take the width.
+# Channel widths of C1..C4. Params grow with width^2 but multiply-adds with width^2 * area:
+# a channel at 32x32 costs 16x the multiply-adds of one at 8x8, so the 8x8 stages take the width.
 WIDTHS = (32, 64, 128, 128)
 
 
@@ -92,9 +92,9 @@ class Net(nn.Module):
         num_classes: size of the output layer.
 
     C1 (32x32) two convs, then a stride-2 3x3 down to 16x16.
-    C2 (16x16) a residual pair whose second conv is dilated (dilation 2), then stride-2 to 8x8.
+    C2 (16x16) a residual dilated 3x3 conv (dilation 2), then a stride-2 3x3 down to 8x8.
     C3 (8x8)   a residual pair of depthwise-separable convs (full 3x3s would break the budget).
-    C4 (8x8)   a residual depthwise-separable conv whose depthwise 3x3 is dilated (RF 43 -> 51).
+    C4 (8x8)   a residual depthwise-separable conv whose depthwise 3x3 is dilated (RF 35 -> 51).
     Head: global average pooling, then a 1x1 conv to the classes.
     """
 
