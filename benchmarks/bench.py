@@ -192,7 +192,6 @@ def table(result: dict) -> str:
     """The headline numbers as a Markdown table, Net beside the baseline."""
     nets = result["nets"]
     runs = {n: [run for run in result["accuracy"] if run["net"] == n] for n in nets}
-
     rows = [
         ("parameters", lambda n: f"{nets[n]['parameters']:,}"),
         ("multiply-adds / image", lambda n: f"{nets[n]['multiply_adds'] / 1e6:.2f} M"),

@@ -197,5 +197,11 @@ def test_format_table_lays_out_a_markdown_table() -> None:
     assert format_table([]) == ""
 
 
-def test_get_device_names_a_torch_device() -> None:
-    assert get_device().type in {"cpu", "cuda", "mps"}
+def test_get_device_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert get_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert get_device() == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_device() == torch.device("cuda")
