@@ -6,7 +6,7 @@ import codecs
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -145,13 +145,18 @@ def load_cifar10(
 
 @dataclass
 class Splits:
-    """Train and test arrays, and where they came from (for the reader)."""
+    """Train, validation and test arrays, and where they came from (for the reader).
+
+    The validation arrays are empty unless `load_splits` was asked to hold images out.
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     source: str
+    val_images: np.ndarray = field(default_factory=lambda: np.empty((0, 32, 32, 3), np.uint8))
+    val_labels: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 def load_splits(
@@ -159,6 +164,8 @@ def load_splits(
     download: bool = False,
     limit: tuple[int, int] | None = None,
     synthetic_fallback: bool = False,
+    validation: int = 0,
+    split_seed: int = 0,
 ) -> Splits:
     """Both CIFAR-10 splits from `root`, optionally cut to (train, test) sizes.
 
@@ -168,6 +175,9 @@ def load_splits(
         limit: keep only the first (train, test) images: a smoke run's slice.
         synthetic_fallback: use `synthetic_cifar10` when no batches are on disk
             (offline smoke runs and benchmarks) instead of raising.
+        validation: hold this many training images out as a validation split (stratified by
+            class), so recipes are tuned without looking at the test set.
+        split_seed: picks which images are held out.
     """
     on_disk = root is not None and (Path(root) / BATCH_FOLDER / TEST_BATCHES[0]).is_file()
     if synthetic_fallback and not on_disk and not download:
@@ -180,7 +190,35 @@ def load_splits(
         train, test = load_cifar10(root, True, download), load_cifar10(root, False, download)
         source = f"CIFAR-10 python batches in {Path(root) / BATCH_FOLDER}"
     n_train, n_test = limit if limit is not None else (None, None)
-    return Splits(train[0][:n_train], train[1][:n_train], test[0][:n_test], test[1][:n_test], source)
+    train = (train[0][:n_train], train[1][:n_train])
+    splits = Splits(*train, test[0][:n_test], test[1][:n_test], source)
+    if validation:
+        held_out = stratified_indices(splits.train_labels, validation, split_seed)
+        kept = np.setdiff1d(np.arange(len(splits.train_labels)), held_out)
+        splits.val_images, splits.val_labels = train[0][held_out], train[1][held_out]
+        splits.train_images, splits.train_labels = train[0][kept], train[1][kept]
+    return splits
+
+
+def stratified_indices(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """`count` random indices into `labels` with each class in its share of the whole, sorted.
+
+    Shares are rounded by largest remainder, so the total is exactly `count`.
+    """
+    if not 0 < count < len(labels):
+        raise ValueError(
+            f"cannot hold out {count} of {len(labels)} training images: "
+            "choose a validation size between 1 and the training-set size minus 1"
+        )
+    rng = np.random.default_rng(seed)
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = sizes * count / len(labels)
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(quota - exact)[: count - quota.sum()]] += 1
+    picked = [
+        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, quota)
+    ]
+    return np.sort(np.concatenate(picked))
 
 
 @dataclass
@@ -270,7 +308,9 @@ def make_loaders(
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     pin = torch.cuda.is_available()
-    persistent = workers > 0
+    # Workers restart every epoch (not persistent) so each epoch's augmentation streams are
+    # seeded from that epoch's seed: a resumed run then repeats an uninterrupted one exactly.
+    persistent = False
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(
         train_set,
@@ -302,10 +342,10 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def seed_epoch(loader: DataLoader, seed: int) -> None:
-    """Make the next epoch's shuffle (and in-process augmentation) a function of `seed` alone.
+    """Make the next epoch's shuffle and augmentation a function of `seed` alone.
 
-    With loader workers the augmentation streams live in the workers, seeded when they start,
-    so a resumed run then matches an uninterrupted one in distribution rather than bit for bit.
+    Loader workers start afresh each epoch and seed their augmentation from a number the
+    loader draws from its generator (see `_seed_worker`); without workers it is seeded here.
     """
     if loader.generator is not None:
         loader.generator.manual_seed(seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -27,10 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baseline import BaselineNet  # noqa: E402
-from dataset import CIFAR10Dataset, load_splits, make_loaders  # noqa: E402
+from dataset import CIFAR10Dataset, Splits, load_splits, make_loaders  # noqa: E402
 from model import Net, count_parameters  # noqa: E402
 from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
-from utils import TrainConfig, fit, seed_everything  # noqa: E402
+from utils import TrainConfig, autocast, fit, memory_format, seed_everything  # noqa: E402
 
 NETS = {"Net": Net, "BaselineNet": BaselineNet}
 EPOCH_IMAGES = 50_000  # one epoch of full CIFAR-10
@@ -45,17 +46,20 @@ def multiply_adds(model: nn.Module) -> int:
 
 
 def cpu_train_throughput(model: nn.Module, batch_size: int, steps: int, warmup: int = 3) -> float:
-    """Steady-state training images/s on the CPU (forward, backward, SGD step), float32."""
+    """Steady-state training images/s on the CPU (forward, backward, SGD step), as `fit` trains."""
     seed_everything(0)
-    model.train()
+    cpu = torch.device("cpu")
+    model.train().to(memory_format=memory_format(cpu))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    images = torch.randn(batch_size, 3, 32, 32)
+    images = torch.randn(batch_size, 3, 32, 32).to(memory_format=memory_format(cpu))
     labels = torch.randint(0, 10, (batch_size,))
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(images), labels).backward()
+        with autocast(cpu):
+            loss = nn.functional.cross_entropy(model(images).float(), labels)
+        loss.backward()
         optimizer.step()
     return batch_size * steps / (time.perf_counter() - start)
 
@@ -72,34 +76,67 @@ def augmentation_throughput(images: np.ndarray, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def accuracy_run(
-    net_name: str, train: tuple, test: tuple, epochs: int, workers: int, seed: int = 0
-) -> dict:
-    """Train a fresh net with the default recipe and `seed` on the CPU; the per-epoch curve."""
-    config = dataclasses.replace(TrainConfig(), seed=seed)
+def accuracy_run(net_name: str, data: Splits, config: TrainConfig, augment: dict, workers: int) -> dict:
+    """Train a fresh net on the CPU with `config`; validation and test accuracy per epoch.
+
+    Validation (when `data` holds a split) and test are each scored only if present: a tuning
+    run passes data without test images, so the test set is never looked at while tuning.
+    """
     seed_everything(config.seed)
     model = NETS[net_name]()
     train_loader, test_loader = make_loaders(
-        CIFAR10Dataset(*train, train_transforms()),
-        CIFAR10Dataset(*test, test_transforms()),
+        CIFAR10Dataset(data.train_images, data.train_labels, train_transforms(**augment)),
+        CIFAR10Dataset(data.test_images, data.test_labels, test_transforms()),
         batch_size=config.batch_size,
         workers=workers,
         seed=config.seed,
     )
+    val_loader = make_loaders(
+        CIFAR10Dataset(data.val_images, data.val_labels, test_transforms()),
+        CIFAR10Dataset(data.val_images, data.val_labels, test_transforms()),
+        batch_size=config.batch_size,
+        workers=workers,
+    )[1] if len(data.val_labels) else None
     start = time.perf_counter()
-    history = fit(model, train_loader, test_loader, epochs=epochs, device="cpu", config=config,
-                  progress=False)
-    return {
+    history = fit(model, train_loader, test_loader if len(data.test_labels) else None,
+                  config=config, device="cpu", progress=False, val_loader=val_loader)
+    run = {
         "net": net_name,
-        "seed": seed,
-        "epochs": epochs,
-        "train_images": len(train[1]),
-        "test_images": len(test[1]),
-        "final_test_acc": round(history.test_acc[-1], 2),
-        "best_test_acc": round(history.best_test_acc, 2),
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "recipe": _changed(dataclasses.replace(TrainConfig(), epochs=config.epochs, seed=config.seed), config),
+        "augment": augment,
+        "train_images": len(data.train_labels),
+        "val_images": len(data.val_labels),
+        "test_images": len(data.test_labels),
         "wall_seconds": round(time.perf_counter() - start, 1),
-        "test_acc_per_epoch": [round(a, 2) for a in history.test_acc],
+        "epoch_seconds": round(float(np.median(history.seconds)), 1),
     }
+    for split, accuracies in (("val", history.val_acc), ("test", history.test_acc)):
+        if accuracies:
+            run[f"final_{split}_acc"] = round(accuracies[-1], 2)
+            run[f"best_{split}_acc"] = round(max(accuracies), 2)
+            run[f"{split}_acc_per_epoch"] = [round(a, 2) for a in accuracies]
+    if history.test_acc:
+        run["first_epoch_test_85"] = history.first_epoch_reaching(85.0)
+    return run
+
+
+def _changed(default: object, current: object) -> dict:
+    """The fields of a dataclass that differ from its default: how a run departs from the recipe."""
+    return {k: v for k, v in dataclasses.asdict(current).items() if getattr(default, k) != v}
+
+
+def _overrides(pairs: list[str], types: dict[str, type], what: str) -> dict:
+    """Parse `name=value` pairs, typed by the named setting's default."""
+    result = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in types:
+            raise SystemExit(f"--{what} {pair!r}: expected name=value with name one of {', '.join(types)}")
+        kind = types[name]
+        result[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return result
 
 
 def cuda_epoch_seconds(train: tuple, mixed_precision: bool, workers: int) -> dict:
@@ -107,7 +144,7 @@ def cuda_epoch_seconds(train: tuple, mixed_precision: bool, workers: int) -> dic
     repeats = -(-EPOCH_IMAGES // len(train[1]))
     images = np.concatenate([train[0]] * repeats)[:EPOCH_IMAGES]
     labels = np.concatenate([train[1]] * repeats)[:EPOCH_IMAGES]
-    config = dataclasses.replace(TrainConfig(), mixed_precision=mixed_precision, log_every=50)
+    config = dataclasses.replace(TrainConfig(), epochs=3, mixed_precision=mixed_precision, log_every=50)
     seed_everything(0)
     train_loader, test_loader = make_loaders(
         CIFAR10Dataset(images, labels, train_transforms()),
@@ -116,8 +153,7 @@ def cuda_epoch_seconds(train: tuple, mixed_precision: bool, workers: int) -> dic
         workers=workers,
     )
     torch.cuda.reset_peak_memory_stats()
-    history = fit(Net(), train_loader, test_loader, epochs=3, device="cuda", config=config,
-                  progress=False)
+    history = fit(Net(), train_loader, test_loader, config=config, device="cuda", progress=False)
     return {
         "mixed_precision": mixed_precision,
         "loader_workers": workers,
@@ -131,10 +167,22 @@ def main() -> None:
     """Run the benchmark and print the table and the JSON object."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a one-to-two-minute smoke run")
+    parser.add_argument("--data", default=os.environ.get("S9_DATA"),
+                        help="folder holding cifar-10-batches-py/ (default: $S9_DATA; none: synthetic)")
+    parser.add_argument("--validation", type=int, default=0,
+                        help="hold this many training images out and score them every epoch")
+    parser.add_argument("--no-test", action="store_true",
+                        help="never score the test set (tuning runs: decide on validation)")
+    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS),
+                        help="nets of the accuracy runs (default: both)")
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs,
                         help="epochs of the accuracy runs (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the accuracy runs, one run per net and seed (default: 0)")
+    parser.add_argument("--recipe", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="TrainConfig fields to change, e.g. max_lr=0.4 label_smoothing=0.2")
+    parser.add_argument("--augment", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="train_transforms arguments to change, e.g. rotate=5 cutout_p=0.3")
     parser.add_argument("--workers", type=int, default=None, help="loader workers")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
@@ -142,9 +190,14 @@ def main() -> None:
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     steps, aug_count, epochs = (3, 500, 2) if args.quick else (20, 5000, args.epochs)
     limits = (512, 256) if args.quick else None
-    data = load_splits(os.environ.get("S9_DATA"), limit=limits, synthetic_fallback=True)
-    train, test = (data.train_images, data.train_labels), (data.test_images, data.test_labels)
-    config = TrainConfig()
+    data = load_splits(args.data, limit=limits, synthetic_fallback=True, validation=args.validation)
+    if args.no_test:
+        data.test_images, data.test_labels = data.test_images[:0], data.test_labels[:0]
+    defaults = TrainConfig()
+    recipe = _overrides(args.recipe, {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)}, "recipe")
+    augment_defaults = inspect.signature(train_transforms).parameters
+    augment = _overrides(args.augment, {n: type(p.default) for n, p in augment_defaults.items()}, "augment")
+    nets = ["Net"] if args.quick else args.nets
 
     result: dict = {
         "device": {"cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
@@ -152,21 +205,24 @@ def main() -> None:
         "torch": torch.__version__,
         "mode": "quick" if args.quick else "full",
         "data": data.source,
+        "command": " ".join(["python benchmarks/bench.py", *sys.argv[1:]]),
         "nets": {},
     }
-    for name, cls in NETS.items():
-        model = cls()
+    for name in nets:
+        model = NETS[name]()
         result["nets"][name] = {
             "parameters": count_parameters(model),
             "multiply_adds": multiply_adds(model),
-            "cpu_train_images_per_s": round(cpu_train_throughput(model, config.batch_size, steps)),
+            "cpu_train_images_per_s": round(cpu_train_throughput(model, defaults.batch_size, steps)),
         }
-    result["augmentation_images_per_s_one_worker"] = round(augmentation_throughput(train[0], aug_count))
-    accuracy_nets = ["Net"] if args.quick else list(NETS)
+    result["augmentation_images_per_s_one_worker"] = round(augmentation_throughput(data.train_images, aug_count))
     result["accuracy"] = [
-        accuracy_run(n, train, test, epochs, workers, seed) for n in accuracy_nets for seed in args.seeds
+        accuracy_run(n, data, dataclasses.replace(defaults, epochs=epochs, seed=seed, **recipe), augment, workers)
+        for n in nets
+        for seed in args.seeds
     ]
     if torch.cuda.is_available():
+        train = (data.train_images, data.train_labels)
         result["cuda"] = [cuda_epoch_seconds(train, amp, workers) for amp in (True, False)]
     else:
         result["cuda"] = "skipped: no CUDA device"
@@ -181,11 +237,14 @@ def main() -> None:
 
 def seed_cell(runs: list[dict], key: str, spec: str) -> str:
     """One value per seed, then their mean when there are several; '-' when there are none."""
-    values = [run[key] for run in runs]
+    values = [run.get(key) for run in runs if key in run]
     if not values:
         return "-"
-    text = " / ".join(format(value, spec) for value in values)
-    return text if len(values) == 1 else f"{text} (mean {sum(values) / len(values):{spec}})"
+    text = " / ".join("never" if value is None else format(value, spec) for value in values)
+    numbers = [value for value in values if value is not None]
+    if len(values) == 1 or len(numbers) != len(values):
+        return text
+    return f"{text} (mean {sum(numbers) / len(numbers):{spec or '.1f'}})"
 
 
 def table(result: dict) -> str:
@@ -196,17 +255,23 @@ def table(result: dict) -> str:
         ("parameters", lambda n: f"{nets[n]['parameters']:,}"),
         ("multiply-adds / image", lambda n: f"{nets[n]['multiply_adds'] / 1e6:.2f} M"),
         ("CPU training images/s", lambda n: f"{nets[n]['cpu_train_images_per_s']:,}"),
+        ("val acc, final (%)", lambda n: seed_cell(runs[n], "final_val_acc", ".2f")),
         ("test acc, final (%)", lambda n: seed_cell(runs[n], "final_test_acc", ".2f")),
         ("test acc, best epoch (%)", lambda n: seed_cell(runs[n], "best_test_acc", ".2f")),
+        ("first epoch with test acc >= 85%", lambda n: seed_cell(runs[n], "first_epoch_test_85", "")),
+        ("seconds per epoch (median)", lambda n: seed_cell(runs[n], "epoch_seconds", ".0f")),
         ("accuracy run wall time (s)", lambda n: seed_cell(runs[n], "wall_seconds", ".0f")),
     ]
     lines = ["| metric | " + " | ".join(nets) + " |", "| --- |" + " --- |" * len(nets)]
     lines += [f"| {label} | " + " | ".join(cell(n) for n in nets) + " |" for label, cell in rows]
     run = result["accuracy"][0]
     seeds = ", ".join(str(seed) for seed in sorted({r["seed"] for r in result["accuracy"]}))
+    changes = {**run.get("recipe", {}), **run.get("augment", {})}
     lines.append(
         f"\naccuracy: {run['epochs']} epochs, {run['train_images']:,} train / "
-        f"{run['test_images']:,} test images from {result['data']}, seeds {seeds}, CPU"
+        f"{run.get('val_images', 0):,} validation / {run['test_images']:,} test images from "
+        f"{result['data']}, seeds {seeds}, CPU; "
+        + (f"changed from the defaults: {changes}" if changes else "default recipe")
     )
     lines.append(f"augmentation, one worker: {result['augmentation_images_per_s_one_worker']:,} images/s")
     if isinstance(result["cuda"], list):

@@ -41,9 +41,13 @@ def loaders(n_train: int = 320, n_test: int = 100):
     return make_loaders(train, test, batch_size=CONFIG.batch_size, workers=0, seed=CONFIG.seed)
 
 
+def recipe(epochs: int) -> TrainConfig:
+    return dataclasses.replace(CONFIG, epochs=epochs)
+
+
 def train(epochs: int, **kwargs) -> History:
     seed_everything(0)
-    return fit(Net(), *loaders(), epochs=epochs, device="cpu", config=CONFIG, progress=False, **kwargs)
+    return fit(Net(), *loaders(), device="cpu", config=recipe(epochs), progress=False, **kwargs)
 
 
 def test_training_learns_the_synthetic_classes() -> None:
@@ -86,14 +90,14 @@ class InterruptAt(nn.Module):
 
 def test_resume_ends_with_the_same_history_as_an_uninterrupted_run(tmp_path: Path) -> None:
     seed_everything(0)
-    full = fit(InterruptAt(), *loaders(), epochs=3, device="cpu", config=CONFIG, progress=False)
+    full = fit(InterruptAt(), *loaders(), device="cpu", config=recipe(3), progress=False)
     seed_everything(0)
     with pytest.raises(KeyboardInterrupt):
-        fit(InterruptAt(n=10 + 5), *loaders(), epochs=3, device="cpu", config=CONFIG,
+        fit(InterruptAt(n=10 + 5), *loaders(), device="cpu", config=recipe(3),
             checkpoint_dir=tmp_path, progress=False)
     assert History.load(tmp_path / "history.json").epochs == 1
     seed_everything(123)  # a new session does not share the interrupted one's RNG state
-    resumed = fit(InterruptAt(), *loaders(), epochs=3, device="cpu", config=CONFIG,
+    resumed = fit(InterruptAt(), *loaders(), device="cpu", config=recipe(3),
                   checkpoint_dir=tmp_path, resume=True, progress=False)
     assert resumed.epochs == 3
     assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-6)
@@ -130,7 +134,7 @@ def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_last_good_checkpoin
 ) -> None:
     model = DivergesAt(n=10 + 4)  # 10 batches per epoch: batch 4 of epoch 2
     with pytest.raises(NonFiniteLossError, match="epoch 2, batch 4"):
-        fit(model, *loaders(), epochs=3, device="cpu", config=CONFIG,
+        fit(model, *loaders(), device="cpu", config=recipe(3),
             checkpoint_dir=tmp_path, progress=False)
     assert History.load(tmp_path / "history.json").epochs == 1
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
