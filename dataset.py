@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import codecs
+import math
 import os
 import pickle
+import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
+from typing import BinaryIO, NoReturn
 
 import numpy as np
 import torch
@@ -31,58 +35,221 @@ BATCH_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
 IMAGE_BYTES = 32 * 32 * 3
+BATCH_IMAGES = 10_000  # every official batch holds this many; none may hold more
 
-# Everything a CIFAR-10 python batch is built from. numpy 2 renamed numpy.core to numpy._core;
-# batches pickled under either name are read. Python 3 writes bytes in protocol 2 through
-# _codecs.encode, a pure function.
-_ALLOWED_GLOBALS = {
-    ("_codecs", "encode"): codecs.encode,
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+# numpy 2 renamed numpy.core to numpy._core; batches pickled under either name are read. The
+# names are only matched, never imported, so numpy 1.x and 2.x both read both.
+_MULTIARRAY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+# The dtypes a batch's arrays and numpy-scalar labels may have (numpy's pickled spelling).
+_NUMBER_TYPES = frozenset(("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"))
+_BYTE_ORDERS = ("<", ">", "|", "=")
 
 
 class CIFAR10FormatError(ValueError):
-    """A CIFAR-10 batch file that is unsafe, corrupt, or not in the expected format."""
+    """CIFAR-10 data on disk (a batch, or the downloaded archive) that is unsafe or corrupt."""
 
 
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    """The pickle asked for a global that a CIFAR-10 batch never contains."""
+class _NotABatch(pickle.UnpicklingError):
+    """The pickle holds something that no CIFAR-10 batch holds."""
+
+
+@dataclass(slots=True)
+class _DtypeStub:
+    """A pickled numpy.dtype, kept as inert data until `_plain_dtype` checks it."""
+
+    spec: object
+    state: object = None
+
+    def __setstate__(self, state: object) -> None:
+        """Keep the state that numpy would apply (its byte order and any fields)."""
+        self.state = state
+
+
+@dataclass(slots=True)
+class _ArrayStub:
+    """A pickled numpy array, kept as inert data until `_array` checks it against its bytes."""
+
+    state: object = None
+
+    def __setstate__(self, state: object) -> None:
+        """Keep the (version, shape, dtype, fortran order, bytes) state numpy would apply."""
+        self.state = state
+
+
+@dataclass(slots=True)
+class _ScalarStub:
+    """A pickled numpy scalar (a label saved as a numpy int), kept as data until checked."""
+
+    dtype: object
+    raw: object
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays and builtins only, so a file can never run code."""
+    """Reads a pickle into plain data in which numpy objects are stubs.
+
+    A file can never run code, and no numpy array exists until `_array` has checked its size
+    against the bytes the file holds: numpy itself would build crafted arrays that are huge,
+    that stretch a few bytes over gigabytes, or that read raw bytes as object pointers.
+    """
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        """Read from `file`, which holds `size` bytes."""
+        super().__init__(file, encoding="latin1")
+        self._bytes_left = size  # no real batch decodes to more bytes than its file holds
 
     def find_class(self, module: str, name: str) -> object:
         """Resolve only the globals a CIFAR-10 batch needs; refuse everything else."""
+        # Bound methods rather than the stub classes or plain functions: BUILD can set
+        # attributes on a class or a function, so one file could change how the next is read.
+        allowed = {
+            ("_codecs", "encode"): self._encode,
+            ("numpy", "dtype"): self._dtype,
+            ("numpy", "ndarray"): self._ndarray,
+            **{(m, "_reconstruct"): self._reconstruct for m in _MULTIARRAY_MODULES},
+            **{(m, "scalar"): self._scalar for m in _MULTIARRAY_MODULES},
+        }
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return allowed[(module, name)]
         except KeyError:
-            raise _ForbiddenGlobal(
+            raise _NotABatch(
                 f"refusing to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, "
                 "lists, strings and numbers"
             ) from None
 
+    def _encode(self, text: object, encoding: object) -> bytes:
+        """_codecs.encode as pickle protocol 2 uses it: latin1 text, up to the file's size."""
+        if type(text) is not str or encoding not in ("latin1", "latin-1"):
+            # other codecs turn a few bytes into many (hex doubles them, and nests)
+            raise _NotABatch(
+                f"refusing _codecs.encode({type(text).__name__}, {encoding!r:.40}): a CIFAR-10 "
+                "batch only uses it to store bytes as latin1 text"
+            )
+        self._bytes_left -= len(text)
+        if self._bytes_left < 0:
+            raise _NotABatch("refusing to decode more bytes than the file holds")
+        return text.encode("latin1")
+
+    def _dtype(self, spec: object, align: object = False, copy: object = False) -> _DtypeStub:
+        """numpy.dtype(spec, align, copy) as a stub."""
+        return _DtypeStub(spec)
+
+    def _reconstruct(self, subtype: object, shape: object, dtype: object) -> _ArrayStub:
+        """numpy's empty start for a pickled array; its real shape and bytes arrive by BUILD."""
+        return _ArrayStub()
+
+    def _scalar(self, dtype: object, raw: object) -> _ScalarStub:
+        """numpy's pickled scalar as a stub."""
+        return _ScalarStub(dtype, raw)
+
+    def _ndarray(self, *args: object, **kwargs: object) -> NoReturn:
+        """Refuse numpy.ndarray(...): numpy's pickles never call it, crafted ones stretch memory."""
+        raise _NotABatch(
+            "refusing to call numpy.ndarray directly: numpy pickles arrays from their bytes, and "
+            "a direct call can stretch a few bytes into a huge array"
+        )
+
+
+def _as_bytes(raw: str | bytes) -> bytes:
+    """Pickled array bytes: Python 2 batches hold them as text, read as latin1."""
+    return raw.encode("latin1") if isinstance(raw, str) else raw
+
+
+def _plain_dtype(stub: object) -> np.dtype:
+    """The plain number type (bool, int, uint or float) that a pickled numpy.dtype names."""
+    state = stub.state if isinstance(stub, _DtypeStub) else None
+    if not (
+        isinstance(stub, _DtypeStub)
+        and isinstance(stub.spec, str)
+        and stub.spec in _NUMBER_TYPES
+        and isinstance(state, tuple)
+        and len(state) >= 5
+        and state[1] in _BYTE_ORDERS
+        and state[2:5] == (None, None, None)  # no subarray, no fields
+    ):
+        raise _NotABatch("an array or scalar of something other than plain numbers")
+    return np.dtype(stub.spec).newbyteorder(state[1])
+
+
+def _array(stub: object) -> np.ndarray:
+    """The array a pickled ndarray describes, built over its bytes once their count matches."""
+    if not isinstance(stub, _ArrayStub):
+        raise _NotABatch(f"a {type(stub).__name__} where a numpy array belongs")
+    state = stub.state
+    if not (
+        isinstance(state, tuple)
+        and len(state) == 5
+        and type(state[1]) is tuple
+        and all(type(n) is int and n >= 0 for n in state[1])
+        and state[3] is False  # C order, as numpy pickles a C-contiguous array
+    ):
+        raise _NotABatch("an array whose pickled state is not numpy's (shape, dtype, C order)")
+    _, shape, dtype_stub, _, raw = state
+    dtype = _plain_dtype(dtype_stub)
+    size = math.prod(shape) * dtype.itemsize
+    if size > BATCH_IMAGES * IMAGE_BYTES:
+        raise _NotABatch(
+            f"an array of shape {shape!r:.60} ({size} bytes): more than a batch of "
+            f"{BATCH_IMAGES} images holds"
+        )
+    if not isinstance(raw, (str, bytes)) or len(raw) != size:
+        held = len(raw) if isinstance(raw, (str, bytes)) else 0
+        raise _NotABatch(
+            f"an array of shape {shape!r:.60} needs {size} bytes but the file holds {held} for it"
+        )
+    return np.frombuffer(_as_bytes(raw), dtype).reshape(shape)
+
+
+def _label(value: object) -> int | np.generic:
+    """One pickled label: a Python int, or a numpy scalar read from exactly its bytes."""
+    if type(value) is int:
+        return value
+    if isinstance(value, _ScalarStub):
+        dtype = _plain_dtype(value.dtype)
+        if isinstance(value.raw, (str, bytes)) and len(value.raw) == dtype.itemsize:
+            return np.frombuffer(_as_bytes(value.raw), dtype)[0]
+    raise _NotABatch(f"a label of type {type(value).__name__}; CIFAR-10 labels are integers")
+
+
+def _labels(value: object) -> np.ndarray:
+    """The pickled labels: a list of integers (as CIFAR-10 stores them) or an array."""
+    if isinstance(value, _ArrayStub):
+        return _array(value)
+    if not isinstance(value, list):
+        raise _NotABatch(f"labels of type {type(value).__name__}; expected a list of integers")
+    return np.array([_label(x) for x in value])
+
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one python batch file into (uint8 N x 32 x 32 x 3 images, int64 N labels)."""
+    fix = f"Delete {path.parent} and download CIFAR-10 again (load_cifar10(root, download=True))."
     try:
         with open(path, "rb") as f:
-            batch = _BatchUnpickler(f, encoding="latin1").load()
-    except _ForbiddenGlobal as err:
+            batch = _BatchUnpickler(f, os.fstat(f.fileno()).st_size).load()
+        return _images_and_labels(batch, path)
+    except CIFAR10FormatError:
+        raise
+    except _NotABatch as err:
+        raise CIFAR10FormatError(f"{path}: not a CIFAR-10 batch ({err}). {fix}") from err
+    except MemoryError as err:
         raise CIFAR10FormatError(
-            f"{path}: not a safe CIFAR-10 batch ({err}). Delete the folder and download again."
+            f"{path}: ran out of memory reading this batch (a real one needs about 100 MB), so "
+            f"the file is corrupt or this machine is out of memory. Free memory and retry; if it "
+            f"fails again: {fix}"
         ) from err
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError) as err:
+    except RecursionError as err:
         raise CIFAR10FormatError(
-            f"{path}: truncated or corrupt batch ({type(err).__name__}: {err}). "
-            "Delete the folder and download again."
+            f"{path}: nested too deeply to be a CIFAR-10 batch (a flat dict of arrays and "
+            f"lists). {fix}"
         ) from err
-    return _images_and_labels(batch, path)
+    except (
+        pickle.UnpicklingError, EOFError, ValueError, TypeError, LookupError, AttributeError
+    ) as err:
+        raise CIFAR10FormatError(
+            f"{path}: truncated or corrupt batch ({type(err).__name__}: {err}). {fix}"
+        ) from err
 
 
 def _images_and_labels(batch: object, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -92,8 +259,8 @@ def _images_and_labels(batch: object, path: Path) -> tuple[np.ndarray, np.ndarra
             f"{path}: expected a dict with 'data' and 'labels' (the CIFAR-10 python format). "
             "Point the loader at a cifar-10-batches-py folder, or download it again."
         )
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"])
+    data = _array(batch["data"])
+    labels = _labels(batch["labels"])
     if data.ndim != 2 or data.shape[1] != IMAGE_BYTES or data.dtype != np.uint8:
         raise CIFAR10FormatError(
             f"{path}: data has shape {data.shape} and dtype {data.dtype}; expected uint8 rows of "
@@ -121,7 +288,8 @@ def load_cifar10(
     Args:
         root: the folder that holds (or will hold) `cifar-10-batches-py/`.
         train: the training batches (data_batch_1..5) if True, else test_batch.
-        download: fetch the official archive with torchvision when the batches are missing.
+        download: fetch the official archive (CIFAR10_URL, checked against CIFAR10_MD5) when
+            the batches are missing.
 
     Any folder in the python-batch format works, including one with fewer batches or fewer
     images per batch. Every present batch of the split is read.
@@ -237,10 +405,48 @@ def class_counts(labels: np.ndarray) -> list[ClassCount]:
 
 
 def _download(root: Path) -> None:
-    """Fetch and unpack the official CIFAR-10 python archive (md5-checked) into `root`."""
-    from torchvision.datasets import CIFAR10
+    """Fetch the official CIFAR-10 archive into `root` (unless there and intact) and unpack it."""
+    from torchvision.datasets.utils import check_integrity
 
-    CIFAR10(root=str(root), train=True, download=True)
+    archive = root / os.path.basename(CIFAR10_URL)
+    if not check_integrity(archive, CIFAR10_MD5):
+        _fetch(archive)
+    _unpack(archive, root / BATCH_FOLDER)
+
+
+def _fetch(archive: Path) -> None:
+    """Download CIFAR10_URL to `archive`; delete and refuse a download whose md5 is wrong."""
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    archive.unlink(missing_ok=True)  # a cut-off earlier download, which download_url would keep
+    try:
+        download_url(CIFAR10_URL, archive.parent, archive.name)
+    except (OSError, HTTPException) as err:
+        archive.unlink(missing_ok=True)
+        raise ConnectionError(
+            f"could not download CIFAR-10 from {CIFAR10_URL} ({err}). If this machine is offline, "
+            f"set S9_DATA to a folder that holds {BATCH_FOLDER}/, or download the archive by hand "
+            f"and unpack it into {archive.parent}."
+        ) from err
+    if not check_integrity(archive, CIFAR10_MD5):
+        archive.unlink()
+        raise CIFAR10FormatError(
+            f"{archive}: the download's md5 is not {CIFAR10_MD5}, so it is corrupt or not the "
+            f"official archive, and was deleted. Run again to download it afresh, or fetch "
+            f"{CIFAR10_URL} by hand and unpack it into {archive.parent}."
+        )
+
+
+def _unpack(archive: Path, folder: Path) -> None:
+    """Unpack the batches in `archive` into `folder`, each file whole or not at all."""
+    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+        with tarfile.open(archive) as tar:
+            # "data" refuses paths outside scratch; naming it keeps Python 3.12+ from warning
+            tar.extractall(scratch, filter="data")
+        folder.mkdir(exist_ok=True)
+        for file in (Path(scratch) / BATCH_FOLDER).iterdir():
+            # a rename is atomic: an interrupted unpack never leaves a cut-off batch behind
+            os.replace(file, folder / file.name)
 
 
 class CIFAR10Dataset(Dataset):
@@ -258,8 +464,8 @@ class CIFAR10Dataset(Dataset):
         labels: np.ndarray,
         transform: Callable[..., dict] | None = None,
     ) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels; they must match")
+        _check_images(images)
+        _check_labels(labels, len(images))
         self.images = images
         self.labels = labels
         self.transform = transform
@@ -274,6 +480,68 @@ class CIFAR10Dataset(Dataset):
         else:
             tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)
         return tensor, int(self.labels[index])
+
+
+def _check_images(images: np.ndarray) -> None:
+    """Refuse images the transforms would silently mistrain on, or fail on deep in OpenCV."""
+    if not isinstance(images, np.ndarray):
+        raise ValueError(
+            f"images are a {type(images).__name__}; CIFAR10Dataset needs a numpy array: "
+            "convert with np.asarray(images)"
+        )
+    expected = "uint8 N x 32 x 32 x 3 (HWC colour, 0..255)"
+    if images.shape[1:] != (32, 32, 3):
+        raise ValueError(
+            f"images have shape {images.shape}; CIFAR10Dataset needs {expected}. "
+            f"{_layout_hint(images.shape)}"
+        )
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"images are {images.dtype}; CIFAR10Dataset needs {expected}, which the transforms "
+            f"assume. {_uint8_hint(images.dtype)}"
+        )
+
+
+def _layout_hint(shape: tuple[int, ...]) -> str:
+    """How to turn images of `shape` into N x 32 x 32 x 3."""
+    if shape[1:] == (3, 32, 32):
+        return "Channels-first images convert with images.transpose(0, 2, 3, 1)."
+    if shape[1:] == (32, 32):
+        return "Greyscale images convert with np.repeat(images[..., None], 3, axis=-1)."
+    if shape[1:] == (32, 32, 1):
+        return "Greyscale images convert with np.repeat(images, 3, axis=-1)."
+    return "Resize the images to 32 x 32 with 3 colour channels last."
+
+
+def _uint8_hint(dtype: np.dtype) -> str:
+    """How to turn images of `dtype` into uint8 0..255."""
+    if dtype.kind == "f":
+        return "Floats in 0..1 convert with (images * 255).round().astype(np.uint8)."
+    if dtype == np.uint16:
+        return "16-bit images convert with (images // 257).astype(np.uint8)."
+    return "Integers in 0..255 convert with images.astype(np.uint8)."
+
+
+def _check_labels(labels: np.ndarray, count: int) -> None:
+    """Refuse labels that are not one CIFAR-10 class index (0..9) per image."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(
+            f"labels have shape {labels.shape}; CIFAR10Dataset needs one class index per image "
+            "(one-hot labels convert with labels.argmax(1))"
+        )
+    if len(labels) != count:
+        raise ValueError(f"{count} images but {len(labels)} labels; they must match")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels are {labels.dtype}; CIFAR10Dataset needs integer class indices 0..9 "
+            "(whole-number labels convert with labels.astype(np.int64))"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise ValueError(
+            f"labels span {labels.min()}..{labels.max()}; CIFAR-10 class indices are 0..9 "
+            "(see dataset.CLASSES)"
+        )
 
 
 def synthetic_cifar10(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

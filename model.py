@@ -57,12 +57,15 @@ class ConvBNReLU(nn.Sequential):
 class SeparableConvBNReLU(nn.Sequential):
     """Depthwise-separable conv: a depthwise 3x3 (groups == channels), then a pointwise 1x1."""
 
-    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dilation: int = 1, stride: int = 1
+    ) -> None:
         super().__init__(
             nn.Conv2d(
                 in_channels,
                 in_channels,
                 3,
+                stride=stride,
                 padding=dilation,
                 dilation=dilation,
                 groups=in_channels,
@@ -293,12 +296,14 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
 
 
 def model_summary(model: nn.Module) -> str:
-    """The torchsummary table for a 3x32x32 input, on the device the model is on."""
+    """The torchsummary table for a 3x32x32 input, from an eval-mode copy of `model`."""
     from torchsummary import summary
 
-    device = next(model.parameters()).device
-    # torchsummary knows only "cuda" and "cpu"; summarise a CPU copy on anything else.
-    target = model if device.type in ("cuda", "cpu") else copy.deepcopy(model).cpu()
+    # torchsummary runs a forward pass: on the live model in train mode it would nudge the
+    # BatchNorm running statistics. It knows only "cuda" and "cpu": other devices use the CPU.
+    target = copy.deepcopy(model).eval()
+    if next(target.parameters()).device.type not in ("cuda", "cpu"):
+        target.cpu()
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         summary(target, INPUT_SHAPE, device=next(target.parameters()).device.type)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 import json
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,82 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class NoGPUError(RuntimeError):
+    """Colab gave this notebook no GPU, and the settings do not allow training on its CPU."""
+
+
+def estimate_epoch_seconds(
+    model: nn.Module, batch_size: int, images: int, device: torch.device, steps: int = 3
+) -> float:
+    """Seconds per epoch of `images` images on `device`, timed by training a copy of `model`."""
+    model = copy.deepcopy(model).to(device, memory_format=memory_format(device)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(
+        memory_format=memory_format(device)
+    )
+    targets = torch.randint(0, 10, (batch_size,), device=device)
+    timings = []
+    for _ in range(steps + 1):  # the first step warms up (allocation, kernel choice): dropped
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast(device):
+            loss = nn.functional.cross_entropy(model(inputs).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return sum(timings[1:]) / steps * math.ceil(images / batch_size)
+
+
+def check_accelerator(
+    device: torch.device,
+    model: nn.Module,
+    *,
+    in_colab: bool,
+    allow_cpu: bool,
+    batch_size: int,
+    epochs: int,
+    images: int = 50_000,
+) -> str:
+    """Stop a Colab run that has no GPU (unless `allow_cpu`); else name the device and its cost."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return "GPU: Apple silicon (MPS)"
+    if in_colab and not allow_cpu:
+        raise NoGPUError(
+            f"This Colab runtime has no GPU: {epochs} epochs on its CPU would take hours, not "
+            "minutes. Fix: Runtime → Change runtime type → Hardware accelerator: GPU (e.g. T4) "
+            "→ Save, then Runtime → Run all. To train on the CPU anyway, set ALLOW_CPU = True "
+            "in the settings cell and run it again."
+        )
+    seconds = estimate_epoch_seconds(model, batch_size, images, device)
+    total = seconds * epochs
+    duration = f"{total / 3600:.1f} h" if total >= 3600 else f"{math.ceil(total / 60)} min"
+    return (
+        f"CPU: about {seconds:,.0f} s per epoch of {images:,} images here (timed on a few "
+        f"training steps), so {epochs} epochs take about {duration}. A GPU takes minutes "
+        "(Colab: Runtime → Change runtime type → GPU); S9_SMOKE=1 runs a short check on a "
+        "slice of the data."
+    )
+
+
+def drive_checkpoint_dir(mount_point: str = "/content/drive") -> Path:
+    """Mount Google Drive (Colab only); return its s9-checkpoints folder, which outlives the VM."""
+    try:
+        from google.colab import drive
+    except ImportError as error:
+        raise RuntimeError(
+            "USE_DRIVE = True needs Google Colab (it mounts Google Drive). Here, set "
+            "USE_DRIVE = False: checkpoints then go to checkpoints/ beside the notebook."
+        ) from error
+    drive.mount(mount_point)
+    return Path(mount_point) / "MyDrive" / "s9-checkpoints"
+
+
 @dataclass
 class TrainConfig:
     """The training recipe. The defaults are the project's best measured recipe."""
@@ -65,6 +144,24 @@ class TrainConfig:
     mixed_precision: bool = True
     # Progress-bar refresh and NaN check, in batches: each costs a device sync on a GPU.
     log_every: int = 20
+
+    def __post_init__(self) -> None:
+        """Refuse a recipe that would fail mid-run, naming each bad field and its valid range."""
+        rules = (
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("max_lr", self.max_lr > 0, "> 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
+        )
+        problems = [
+            f"{name}={getattr(self, name)!r} must be {rule}" for name, ok, rule in rules if not ok
+        ]
+        if problems:
+            raise ValueError(
+                f"invalid TrainConfig: {'; '.join(problems)}. Pass values in those ranges "
+                "(TrainConfig() holds the measured recipe)."
+            )
 
 
 @dataclass
@@ -127,7 +224,16 @@ class History:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training diverged: the loss became NaN or infinite."""
+    """Training diverged: a loss, a weight or a BatchNorm statistic became NaN or infinite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: empty, cut short, foreign, or from a different run."""
+
+
+# The files of one run in a checkpoint folder: a new run moves them aside, never overwrites them.
+_RUN_FILES = ("last.pt", "best.pt", "history.json")
+_WRITE_PROBE = ".write-check"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -141,6 +247,45 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Create `folder`, prove checkpoints can be written there, drop a killed run's temp files."""
+    try:
+        _atomic_write(folder / _WRITE_PROBE, lambda f: f.write(b"ok"))
+        (folder / _WRITE_PROBE).unlink()
+    except OSError as err:
+        raise OSError(
+            f"cannot write checkpoints to {folder} ({err.strerror or err}). Pass a checkpoint_dir "
+            "you can write to, or fix that folder's permissions."
+        ) from err
+    for name in (*_RUN_FILES, _WRITE_PROBE):
+        for orphan in folder.glob(f".{name}.*"):  # left by _atomic_write when killed mid-write
+            orphan.unlink(missing_ok=True)
+
+
+def _move_earlier_run_aside(folder: Path) -> None:
+    """Move an earlier run's files into a new `folder/previous-<time>/`, so none is overwritten."""
+    found = [folder / name for name in _RUN_FILES if (folder / name).exists()]
+    if not found:
+        return
+    target = _new_folder(folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    for path in found:
+        os.replace(path, target / path.name)
+    names = ", ".join(path.name for path in found)
+    print(f"Starting a new run: moved the earlier run's {names} to {target}")
+
+
+def _new_folder(path: Path) -> Path:
+    """Create `path`, or `path-2`, `path-3`, ... if it exists: never reuse a folder."""
+    candidate, suffix = path, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = path.with_name(f"{path.name}-{suffix}")
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -182,21 +327,48 @@ def evaluate(
     mixed_precision: bool = True,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (percent) of `model` over `loader`."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
+    device = _model_device(model, device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    with torch.inference_mode(), autocast(device, mixed_precision):
-        for images, labels in loader:
-            images, labels = _to_device(images, labels, device)
-            logits = model(images)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-            correct += (logits.argmax(1) == labels).sum()
-            count += len(labels)
+    for _, labels, logits in _predict(model, loader, device, mixed_precision):
+        labels = labels.to(device, non_blocking=True)
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
     if count == 0:
         raise ValueError("evaluate got an empty loader: the test set has no images")
     return loss_sum.item() / count, 100.0 * correct.item() / count
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """`device` as a torch.device; None means the device the model's weights are on."""
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str | None = None,
+    mixed_precision: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, float32 logits) per batch: images and labels as loaded, logits on device.
+
+    Eval mode, inference mode and autocast hold only while a batch is scored, and the model's
+    own mode is back before each yield: nothing leaks into the caller's code between batches,
+    after an early exit, or into a model that was training.
+    """
+    device = _model_device(model, device)
+    modes = [(module, module.training) for module in model.modules()]  # some may be frozen
+    for images, labels in loader:
+        model.eval()
+        try:
+            with torch.inference_mode(), autocast(device, mixed_precision):
+                logits = model(_to_device(images, labels, device)[0]).float()
+        finally:
+            for module, training in modes:
+                module.training = training
+        yield images, labels, logits
 
 
 def _half_dtype(device: torch.device) -> torch.dtype | None:
@@ -229,17 +401,35 @@ def _to_device(
 
 @dataclass
 class _TrainState:
-    """What a checkpoint must hold to continue a run exactly."""
+    """What a checkpoint must hold to continue a run exactly, and the data it was trained on."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     scaler: torch.amp.GradScaler
     history: History
+    # {"train_images": ..., "steps_per_epoch": ...}: a resume must see the same training data.
+    data: dict[str, int]
+
+
+# Every entry a checkpoint written by `fit` holds; each is a dict.
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "history", "config", "data")
+_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+# Config fields a resumed run may change: they change no result worth refusing.
+_FREE_FIELDS = ("log_every", "mixed_precision")
+# torch.load reports an empty, cut-short or foreign file as any of these.
+_UNREADABLE = (
+    EOFError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError,
+    pickle.UnpicklingError,
+)
+_RESUME_FIX = (
+    "Delete it, or pass resume=False to start a new run (the folder's run is then moved aside, "
+    "not deleted)."
+)
 
 
 def _save_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> None:
-    """Atomically write model, optimizer, scheduler, scaler and history to `path`."""
+    """Atomically write everything needed to continue the run; never a NaN or an infinity."""
     payload = {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -247,29 +437,124 @@ def _save_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
         "scaler": state.scaler.state_dict(),
         "history": state.history.to_dict(),
         "config": dataclasses.asdict(config),
+        "data": state.data,
     }
+    bad = _first_non_finite(payload)
+    if bad is not None:
+        raise NonFiniteLossError(f"refusing to write {path}: its {bad} holds NaN or infinities.")
     _atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> None:
-    """Restore `state` from a checkpoint written by the same recipe; refuse a different one."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    saved = dict(payload["config"])
-    wanted = dataclasses.asdict(config)
-    for key in ("log_every", "mixed_precision"):  # they change no result worth refusing
-        saved.pop(key, None)
-        wanted.pop(key)
-    if saved != wanted:
-        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-        raise ValueError(
-            f"{path} was written by a different recipe (differs in: {', '.join(changed)}). "
-            "Resume with the same config, or use a new checkpoint_dir."
+def _first_non_finite(value: object, name: str = "") -> str | None:
+    """The dotted name of the first float tensor in `value` (dicts, lists) with a NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not torch.isfinite(value).all() else None
+    if isinstance(value, dict):
+        children = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        children = list(enumerate(value))
+    else:
+        return None
+    for key, child in children:
+        bad = _first_non_finite(child, f"{name}.{key}" if name else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+
+def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
+    """torch.load a checkpoint written by `fit`, refusing an empty, cut-short or foreign file."""
+    # Read first: a missing or unreadable file keeps its own OSError, and torch.load of the
+    # bytes then fails only for what they hold (from a path, some cuts raise OSError too).
+    content = io.BytesIO(path.read_bytes())
+    try:
+        payload = torch.load(content, map_location="cpu", weights_only=True)
+    except _UNREADABLE as err:
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({reason}): it is empty, cut short (killed while "
+            f"being written or copied?) or not a torch file. {fix}"
+        ) from err
+    entries = payload if isinstance(payload, dict) else {}
+    missing = [k for k in keys if not isinstance(entries.get(k), dict)]
+    if missing:
+        bare = entries and all(isinstance(v, torch.Tensor) for v in entries.values())
+        hint = (
+            " It looks like a bare state_dict, which loads with "
+            "model.load_state_dict(torch.load(path, weights_only=True))."
+            if bare
+            else ""
         )
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by this version of fit: it has no "
+            f"{', '.join(repr(k) for k in missing)} {'entry' if len(missing) == 1 else 'entries'}."
+            f"{hint} {fix}"
+        )
+    return payload
+
+
+def _check_same_run(path: Path, payload: dict, data: dict[str, int], config: TrainConfig) -> None:
+    """Refuse a checkpoint whose recipe, training-set size or steps per epoch differ from now."""
+    saved = {**payload["config"], **payload["data"]}
+    wanted = {**dataclasses.asdict(config), **data}
+    differences = [
+        f"{key} ({saved.get(key)!r} in the checkpoint, {value!r} now)"
+        for key, value in wanted.items()
+        if key not in _FREE_FIELDS and saved.get(key) != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{path} holds a different run: {'; '.join(differences)}. Resume with the same config, "
+            "training data and batch size; or pass resume=False to start a new run (the old one "
+            "is moved aside); or use a new checkpoint_dir."
+        )
+
+
+def _check_weights_fit(path: Path, weights: dict, model: nn.Module, fix: str) -> None:
+    """Refuse weights whose names or shapes differ from `model`'s, before any is copied in."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [
+        k for k in expected
+        if k in weights
+        and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k].shape)
+    ]
+    problems = [
+        f"{label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        for label, names in (("missing", missing), ("extra", unexpected), ("other shape", reshaped))
+        if names
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path} holds the weights of a different network ({'; '.join(problems)}). {fix}"
+        )
+
+
+def _check_scaler_state(path: Path, scaler: dict) -> None:
+    """Refuse a GradScaler state that is neither empty (a run without one) nor complete."""
+    missing = [k for k in _SCALER_KEYS if k not in scaler]
+    if scaler and missing:
+        raise CheckpointError(
+            f"{path} holds an incomplete GradScaler state (no {', '.join(missing)}). {_RESUME_FIX}"
+        )
+
+
+def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> None:
+    """Restore `state` from `path`, all or nothing: every check passes before anything loads."""
+    payload = _read_checkpoint(path, _CHECKPOINT_KEYS, _RESUME_FIX)
+    _check_same_run(path, payload, state.data, config)
+    _check_weights_fit(path, payload["model"], state.model, _RESUME_FIX)
+    _check_scaler_state(path, payload["scaler"])
+    history = History(**payload["history"])
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
-    state.scaler.load_state_dict(payload["scaler"])
-    state.history = History(**payload["history"])
+    # Empty: the run had no GradScaler (CPU, or AMP off); one now enabled (CUDA) starts afresh.
+    if payload["scaler"]:
+        state.scaler.load_state_dict(payload["scaler"])
+    state.history = history
 
 
 def _train_epoch(
@@ -319,10 +604,83 @@ def _check_finite(losses: torch.Tensor, epoch: int, first_batch: int) -> None:
     if len(bad):
         batch = first_batch + int(bad[0])
         raise NonFiniteLossError(
-            f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, batch {batch}. "
-            "The learning rate is probably too high for this setup: lower max_lr (or check "
-            "the inputs for NaNs). The checkpoints still hold the last good epoch."
+            f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, batch {batch}."
         )
+
+
+def _check_epoch_finite(
+    model: nn.Module, scores: dict[str, tuple[float, float]], epoch: int
+) -> None:
+    """Raise NonFiniteLossError if a scored loss, a weight or a buffer is NaN or infinite."""
+    problems = [
+        f"{split} loss {loss}" for split, (loss, _) in scores.items() if not math.isfinite(loss)
+    ]
+    tensor = _first_non_finite(model.state_dict())
+    if tensor is not None:
+        problems.append(f"{tensor} holds NaN or infinite values")
+    if problems:
+        raise NonFiniteLossError(f"training diverged in epoch {epoch}: {'; '.join(problems)}.")
+
+
+def _divergence_advice(config: TrainConfig, folder: Path | None, good_epochs: int) -> str:
+    """How to fix a diverged run, and what its checkpoints hold: only what is true."""
+    advice = (
+        f"The learning rate is probably too high for this setup: lower max_lr (now "
+        f"{config.max_lr:g}), or check the inputs for NaNs."
+    )
+    if folder is not None and (folder / "last.pt").exists():
+        advice += f" The checkpoints still hold the last good epoch ({good_epochs}) in {folder}."
+    elif folder is not None:
+        advice += f" No checkpoint of this run was written to {folder}."
+    return advice
+
+
+def _run_epoch(
+    state: _TrainState,
+    train_loader: DataLoader,
+    scored: dict[str, DataLoader],
+    device: torch.device,
+    config: TrainConfig,
+    epoch: int,
+    progress: bool,
+) -> None:
+    """Train and score one epoch, check that every number is finite, then record it."""
+    seed_epoch(train_loader, epoch_seed(config.seed, epoch))
+    start = time.perf_counter()
+    train_loss, train_acc = _train_epoch(state, train_loader, device, config, epoch, progress)
+    scores = {
+        split: evaluate(state.model, loader, device, config.mixed_precision)
+        for split, loader in scored.items()
+    }
+    _check_epoch_finite(state.model, scores, epoch)
+    history = state.history
+    history.train_loss.append(train_loss)
+    history.train_acc.append(train_acc)
+    for split, (loss, accuracy) in scores.items():
+        getattr(history, f"{split}_loss").append(loss)
+        getattr(history, f"{split}_acc").append(accuracy)
+    history.lr.append(history.batch_lr[-1])
+    history.seconds.append(time.perf_counter() - start)
+    if progress:
+        tqdm.write(_summary(history, config.epochs))
+
+
+def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
+    """Write last.pt, best.pt (when this epoch scores best so far) and history.json."""
+    _save_checkpoint(folder / "last.pt", state, config)
+    watched = state.history.val_acc or state.history.test_acc
+    if not watched or watched[-1] >= max(watched):
+        _save_checkpoint(folder / "best.pt", state, config)
+    state.history.save(folder / "history.json")
+
+
+def _open_folder(folder: Path, state: _TrainState, config: TrainConfig, resume: bool) -> None:
+    """Check `folder` is writable; continue its run (resume) or move an earlier run aside."""
+    _prepare_folder(folder)
+    if resume and (folder / "last.pt").exists():
+        _load_checkpoint(folder / "last.pt", state, config)
+    else:
+        _move_earlier_run_aside(folder)
 
 
 def fit(
@@ -345,8 +703,10 @@ def fit(
         config: the recipe, `config.epochs` included; defaults to `TrainConfig()`.
         device: defaults to `get_device()`.
         checkpoint_dir: if given, `last.pt`, `best.pt` and `history.json` are written there
-            atomically after every epoch.
-        resume: continue from `checkpoint_dir/last.pt` when it exists.
+            atomically after every epoch, never with a NaN or infinity in them.
+        resume: continue from `checkpoint_dir/last.pt` when it exists (after checking it is
+            the same recipe, data and network). Otherwise an earlier run's files there are
+            moved into a new `previous-<time>` subfolder, never overwritten.
         progress: show tqdm bars and the one-line epoch summaries.
         val_loader: a validation split, scored after every epoch; `best.pt` then follows
             validation accuracy instead of test accuracy.
@@ -378,36 +738,25 @@ def fit(
             device.type, enabled=config.mixed_precision and device.type == "cuda"
         ),
         history=History(),
+        data={"train_images": len(train_loader.dataset), "steps_per_epoch": len(train_loader)},
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume and (folder / "last.pt").exists():
-        _load_checkpoint(folder / "last.pt", state, config)
+    if folder is not None:
+        _open_folder(folder, state, config, resume)
 
+    scored = {
+        split: loader
+        for split, loader in (("val", val_loader), ("test", test_loader))
+        if loader is not None
+    }
     for epoch in range(state.history.epochs + 1, config.epochs + 1):
-        seed_epoch(train_loader, epoch_seed(config.seed, epoch))
-        start = time.perf_counter()
-        train_loss, train_acc = _train_epoch(state, train_loader, device, config, epoch, progress)
-        history = state.history
-        history.train_loss.append(train_loss)
-        history.train_acc.append(train_acc)
-        for loader, losses, accuracies in (
-            (val_loader, history.val_loss, history.val_acc),
-            (test_loader, history.test_loss, history.test_acc),
-        ):
-            if loader is not None:
-                loss, accuracy = evaluate(model, loader, device, config.mixed_precision)
-                losses.append(loss)
-                accuracies.append(accuracy)
-        history.lr.append(history.batch_lr[-1])
-        history.seconds.append(time.perf_counter() - start)
-        if progress:
-            tqdm.write(_summary(history, config.epochs))
-        if folder is not None:
-            _save_checkpoint(folder / "last.pt", state, config)
-            watched = history.val_acc or history.test_acc
-            if not watched or watched[-1] >= max(watched):
-                _save_checkpoint(folder / "best.pt", state, config)
-            history.save(folder / "history.json")
+        try:
+            _run_epoch(state, train_loader, scored, device, config, epoch, progress)
+            if folder is not None:
+                _save_run(folder, state, config)
+        except NonFiniteLossError as err:
+            advice = _divergence_advice(config, folder, epoch - 1)
+            raise NonFiniteLossError(f"{err} {advice}") from None
     return state.history
 
 
@@ -433,7 +782,9 @@ def _summary(history: History, epochs: int) -> str:
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the model weights of a checkpoint written by `fit` (tensors only: weights_only)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    payload = _read_checkpoint(path, ("model",), "Pass a last.pt or best.pt written by fit.")
+    _check_weights_fit(path, payload["model"], model, "Load it into the network that wrote it.")
     model.load_state_dict(payload["model"])
     return model
 
@@ -534,17 +885,13 @@ def misclassified(
     limit: int | None = None,
 ) -> list[Misclassified]:
     """The test images `model` gets wrong, most confident mistakes first."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
     records: list[Misclassified] = []
-    with torch.inference_mode(), autocast(device):
-        for images, labels in loader:
-            probs = model(_to_device(images, labels, device)[0]).float().softmax(1).cpu()
-            confidence, predicted = probs.max(1)
-            for i in (predicted != labels).nonzero().flatten().tolist():
-                records.append(
-                    Misclassified(images[i], int(labels[i]), int(predicted[i]), float(confidence[i]))
-                )
+    for images, labels, logits in _predict(model, loader, device):
+        confidence, predicted = logits.softmax(1).cpu().max(1)
+        for i in (predicted != labels).nonzero().flatten().tolist():
+            records.append(
+                Misclassified(images[i], int(labels[i]), int(predicted[i]), float(confidence[i]))
+            )
     records.sort(key=lambda r: r.confidence, reverse=True)
     return records[:limit]
 
@@ -567,15 +914,12 @@ def confusion_matrix(
     model: nn.Module, loader: DataLoader, device: torch.device | str | None = None
 ) -> np.ndarray:
     """Counts of (true class, predicted class) over `loader`: a 10x10 int array."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
     matrix = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
-    with torch.inference_mode(), autocast(device):
-        for images, labels in loader:
-            predicted = model(_to_device(images, labels, device)[0]).argmax(1).cpu()
-            matrix += torch.bincount(
-                labels * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2
-            ).view(len(CLASSES), len(CLASSES))
+    for _, labels, logits in _predict(model, loader, device):
+        predicted = logits.argmax(1).cpu()
+        matrix += torch.bincount(
+            labels * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2
+        ).view(len(CLASSES), len(CLASSES))
     return matrix.numpy()
 
 

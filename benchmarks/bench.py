@@ -28,12 +28,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baseline import BaselineNet  # noqa: E402
+from benchmarks.variants import DeepNet  # noqa: E402
 from dataset import CIFAR10Dataset, Splits, load_splits, make_loaders  # noqa: E402
 from model import Net, count_parameters  # noqa: E402
 from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
 from utils import TrainConfig, autocast, fit, memory_format, seed_everything  # noqa: E402
 
-NETS = {"Net": Net, "BaselineNet": BaselineNet}
+NETS = {"Net": Net, "BaselineNet": BaselineNet, "DeepNet": DeepNet}
 EPOCH_IMAGES = 50_000  # one epoch of full CIFAR-10
 
 
@@ -76,7 +77,9 @@ def augmentation_throughput(images: np.ndarray, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def accuracy_run(net_name: str, data: Splits, config: TrainConfig, augment: dict, workers: int) -> dict:
+def accuracy_run(
+    net_name: str, data: Splits, config: TrainConfig, augment: dict, workers: int, progress: bool = False
+) -> dict:
     """Train a fresh net on the CPU with `config`; validation and test accuracy per epoch.
 
     Validation (when `data` holds a split) and test are each scored only if present: a tuning
@@ -99,7 +102,7 @@ def accuracy_run(net_name: str, data: Splits, config: TrainConfig, augment: dict
     )[1] if len(data.val_labels) else None
     start = time.perf_counter()
     history = fit(model, train_loader, test_loader if len(data.test_labels) else None,
-                  config=config, device="cpu", progress=False, val_loader=val_loader)
+                  config=config, device="cpu", progress=progress, val_loader=val_loader)
     run = {
         "net": net_name,
         "seed": config.seed,
@@ -173,8 +176,8 @@ def main() -> None:
                         help="hold this many training images out and score them every epoch")
     parser.add_argument("--no-test", action="store_true",
                         help="never score the test set (tuning runs: decide on validation)")
-    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS),
-                        help="nets of the accuracy runs (default: both)")
+    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=["Net", "BaselineNet"],
+                        help="nets of the accuracy runs (default: Net and BaselineNet)")
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs,
                         help="epochs of the accuracy runs (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -184,6 +187,7 @@ def main() -> None:
     parser.add_argument("--augment", nargs="+", default=[], metavar="NAME=VALUE",
                         help="train_transforms arguments to change, e.g. rotate=5 cutout_p=0.3")
     parser.add_argument("--workers", type=int, default=None, help="loader workers")
+    parser.add_argument("--progress", action="store_true", help="progress bars and a line per epoch")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
 
@@ -217,7 +221,8 @@ def main() -> None:
         }
     result["augmentation_images_per_s_one_worker"] = round(augmentation_throughput(data.train_images, aug_count))
     result["accuracy"] = [
-        accuracy_run(n, data, dataclasses.replace(defaults, epochs=epochs, seed=seed, **recipe), augment, workers)
+        accuracy_run(n, data, dataclasses.replace(defaults, epochs=epochs, seed=seed, **recipe), augment, workers,
+                     args.progress)
         for n in nets
         for seed in args.seeds
     ]

@@ -1,13 +1,26 @@
 """Reading CIFAR-10 batches safely, with clear errors; the Dataset and loaders."""
 
+import codecs
+import functools
+import hashlib
+import http.server
 import os
 import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+import tracemalloc
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import dataset
 from dataset import (
     BATCH_FOLDER,
     CLASSES,
@@ -15,6 +28,7 @@ from dataset import (
     CIFAR10FormatError,
     load_cifar10,
     make_loaders,
+    read_batch,
     synthetic_cifar10,
 )
 from transforms import test_transforms as eval_transforms
@@ -168,3 +182,291 @@ def test_reads_the_real_cifar10_sample() -> None:
     assert images.shape[1:] == (32, 32, 3) and len(images) == len(labels) > 1000
     assert set(labels.tolist()) == set(range(10)) and set(test_labels.tolist()) == set(range(10))
     assert 100 < images.mean() < 140  # real photos, not noise or zeros
+
+
+# --- Crafted pickles: each is refused with its path, before anything large is built. ---
+
+IMAGE = dataset.IMAGE_BYTES
+
+
+class Call:
+    """Pickles as the call func(*args), then `state` applied by BUILD: what crafted files hold."""
+
+    def __init__(self, func, args: tuple, state=None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def array_call(shape: tuple, raw, dtype=np.uint8) -> Call:
+    """An array pickled the way numpy pickles one, but claiming `shape` over the bytes `raw`."""
+    func, args, state = np.zeros(1, dtype).__reduce__()
+    return Call(func, args, (state[0], shape, state[2], state[3], raw))
+
+
+def write_pickle(root: Path, data, labels=(0,)) -> Path:
+    """Write a batch dict holding `data` as root's data_batch_1."""
+    path = root / BATCH_FOLDER / "data_batch_1"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"data": data, "labels": list(labels)}, protocol=2))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        # 3 KB stretched over 200,000 images by a zero stride (600 MB once made contiguous)
+        (Call(np.ndarray, ((200_000, IMAGE), "u1", b"x" * IMAGE, 0, (0, 1))), "ndarray directly"),
+        (Call(np.ndarray, ((2_000_000_000, IMAGE), "u1")), "ndarray directly"),
+        (array_call((2_000_000_000, IMAGE), b"x" * IMAGE), "more than a batch of 10000 images"),
+        (array_call((10_001, IMAGE), b"x" * IMAGE), "more than a batch of 10000 images"),
+        (array_call((200, IMAGE), b"x" * IMAGE), "needs 614400 bytes but the file holds 3072"),
+        # numpy reads an object array's bytes as pointers; a short list of them crashes it
+        (array_call((1,), [1], dtype=object), "plain numbers"),
+    ],
+    ids=["broadcast", "huge-ndarray", "huge-state", "10001-images", "short-bytes", "objects"],
+)
+def test_crafted_arrays_are_refused_before_allocating(tmp_path: Path, data, reason: str) -> None:
+    path = write_pickle(tmp_path, data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CIFAR10FormatError, match=reason) as err:
+            load_cifar10(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value)
+    assert peak < 1_000_000  # the files are a few KB: nothing of the claimed size was built
+
+
+@pytest.mark.parametrize(("text", "codec"), [("x", "no-such-codec"), (b"ab", "hex")])
+def test_codecs_other_than_latin1_are_refused_with_the_path(
+    tmp_path: Path, text, codec: str
+) -> None:
+    # an unknown codec raised a bare LookupError; hex doubles its input, and nests
+    path = write_pickle(tmp_path, Call(codecs.encode, (text, codec)))
+    with pytest.raises(CIFAR10FormatError, match=codec) as err:
+        load_cifar10(tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_decoding_more_bytes_than_the_file_holds_is_refused(tmp_path: Path) -> None:
+    text = "x" * 100_000  # stored once, decoded 200 times: 20 MB out of a 100 KB file
+    write_pickle(tmp_path, [Call(codecs.encode, (text, "latin1")) for _ in range(200)])
+    with pytest.raises(CIFAR10FormatError, match="more bytes than the file holds"):
+        load_cifar10(tmp_path)
+
+
+def test_a_batch_claiming_an_impossible_string_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / BATCH_FOLDER / "data_batch_1"
+    path.parent.mkdir()
+    # protocol 4 BINUNICODE8 of 2**60 bytes: Python 3.11 asks for an exabyte at once (a bare
+    # MemoryError); newer Pythons read in chunks and find the file truncated
+    path.write_bytes(b"\x80\x04\x8d" + (2**60).to_bytes(8, "little") + b"x")
+    with pytest.raises(CIFAR10FormatError, match="ran out of memory|truncated") as err:
+        load_cifar10(tmp_path)
+    assert str(path) in str(err.value)
+
+
+def batch_with(field: str, opcodes: bytes) -> bytes:
+    """A valid pickled one-image batch whose `field` is replaced by raw pickle opcodes."""
+    images, labels = synthetic_cifar10(1)
+    batch = {"data": images.reshape(1, -1), "labels": list(labels), field: "REPLACED"}
+    return pickle.dumps(batch, protocol=2).replace(b"X\x08\x00\x00\x00REPLACED", opcodes)
+
+
+@pytest.mark.parametrize("field", ["data", "labels", "whole batch"])
+def test_deeply_nested_lists_are_reported_with_the_path(tmp_path: Path, field: str) -> None:
+    depth = 100_000
+    nested = b"]" * depth + b"a" * (depth - 1)  # EMPTY_LIST x depth, APPEND x depth - 1
+    path = tmp_path / BATCH_FOLDER / "data_batch_1"
+    path.parent.mkdir()
+    whole = b"\x80\x02" + nested + b"."
+    path.write_bytes(whole if field == "whole batch" else batch_with(field, nested))
+    with pytest.raises(CIFAR10FormatError) as err:
+        load_cifar10(tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_batches_pickled_by_numpy_1_and_2_read_alike(tmp_path: Path) -> None:
+    images, labels = synthetic_cifar10(3)
+    path = tmp_path / BATCH_FOLDER / "data_batch_1"
+    write_batch(path, images, labels)
+    pickled = path.read_bytes()
+    numpy_2, numpy_1 = b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"
+    old, new = (numpy_2, numpy_1) if numpy_2 in pickled else (numpy_1, numpy_2)
+    renamed = pickled.replace(old, new)
+    assert renamed != pickled
+    for version in (pickled, renamed):
+        path.write_bytes(version)
+        read_images, read_labels = read_batch(path)
+        np.testing.assert_array_equal(read_images, images)
+        np.testing.assert_array_equal(read_labels, labels)
+
+
+def test_dataset_imports_and_reads_without_numpy_2s_core_module(cifar_root: Path) -> None:
+    # numpy 1.x has numpy.core but no numpy._core. transforms comes first because torch and
+    # OpenCV need numpy._core on numpy 2; dataset.py itself must not.
+    code = (
+        "import sys, numpy, transforms\n"
+        "vars(numpy).pop('_core', None)\n"
+        "sys.modules['numpy._core'] = None\n"
+        "import dataset\n"
+        f"images, labels = dataset.load_cifar10({str(cifar_root)!r})\n"
+        "print(images.shape, labels.dtype)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["(20,", "32,", "32,", "3)", "int64"]
+
+
+def test_python_2_batches_with_bytes_as_text_load(tmp_path: Path) -> None:
+    # the official batches were pickled by Python 2: an array's bytes arrive as latin1 text
+    write_pickle(tmp_path, array_call((1, IMAGE), "\xff" * IMAGE))
+    images, labels = load_cifar10(tmp_path)
+    assert images.shape == (1, 32, 32, 3) and (images == 255).all() and labels.tolist() == [0]
+
+
+def test_labels_saved_as_numpy_ints_or_as_an_array_load(tmp_path: Path) -> None:
+    images, labels = synthetic_cifar10(5)
+    path = tmp_path / BATCH_FOLDER / "data_batch_1"
+    path.parent.mkdir()
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    for saved in (list(labels), labels):  # a list of numpy int64 scalars; one int64 array
+        path.write_bytes(pickle.dumps({"data": rows, "labels": saved}, protocol=2))
+        np.testing.assert_array_equal(load_cifar10(tmp_path)[1], labels)
+
+
+# --- Downloading: md5-checked, unpacked whole, and offline errors that say what to do. ---
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files without logging each request."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Drop the request's log line."""
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder served over HTTP on localhost (no network needed), with CIFAR10_URL in it."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        url = f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz"
+        monkeypatch.setattr(dataset, "CIFAR10_URL", url)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            yield folder
+        finally:  # a server left running would keep pytest from exiting
+            server.shutdown()
+            thread.join()
+
+
+def make_archive(folder: Path, images: np.ndarray, labels: np.ndarray) -> str:
+    """Write a small CIFAR-10 archive (a training and a test batch) into `folder`; its md5."""
+    source = folder.parent / "source" / BATCH_FOLDER
+    write_batch(source / "data_batch_1", images[:12], labels[:12])
+    write_batch(source / "test_batch", images[12:], labels[12:])
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=BATCH_FOLDER)
+    return hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def test_download_checks_and_unpacks_the_archive_and_keeps_it(
+    served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, labels = synthetic_cifar10(20, seed=2)
+    monkeypatch.setattr(dataset, "CIFAR10_MD5", make_archive(served, images, labels))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(b"cut off")  # an interrupted earlier download
+    train_images, train_labels = load_cifar10(root, download=True)
+    np.testing.assert_array_equal(train_images, images[:12])
+    np.testing.assert_array_equal(train_labels, labels[:12])
+    assert sorted(p.name for p in root.iterdir()) == [BATCH_FOLDER, "cifar-10-python.tar.gz"]
+    # offline now: the kept, checked archive unpacks the test batch without the network
+    (served / "cifar-10-python.tar.gz").unlink()
+    test_images, _ = load_cifar10(root, train=False, download=True)
+    np.testing.assert_array_equal(test_images, images[12:])
+
+
+def test_a_download_with_the_wrong_md5_is_refused_and_deleted(
+    served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_archive(served, *synthetic_cifar10(20))
+    monkeypatch.setattr(dataset, "CIFAR10_MD5", "0" * 32)
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    with pytest.raises(CIFAR10FormatError, match="md5") as err:
+        load_cifar10(archive.parent, download=True)
+    assert str(archive) in str(err.value)
+    assert list(archive.parent.iterdir()) == []  # nothing left to be trusted next time
+
+
+def test_an_offline_download_names_the_url_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ConnectionError) as err:
+        load_cifar10(tmp_path, download=True)
+    message = str(err.value)
+    assert dataset.CIFAR10_URL in message and "S9_DATA" in message and BATCH_FOLDER in message
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- CIFAR10Dataset refuses images and labels it would silently mistrain on. ---
+
+
+@pytest.mark.parametrize(
+    ("convert", "given", "fix"),
+    [
+        (lambda im: im / 255.0, "float64", "(images * 255).round().astype(np.uint8)"),
+        (lambda im: im.astype(np.uint16) * 257, "uint16", "(images // 257).astype(np.uint8)"),
+        (lambda im: im.astype(np.int64), "int64", "images.astype(np.uint8)"),
+        (lambda im: im.transpose(0, 3, 1, 2), "(4, 3, 32, 32)", "images.transpose(0, 2, 3, 1)"),
+        (lambda im: im[..., :1], "(4, 32, 32, 1)", "np.repeat(images, 3, axis=-1)"),
+        (lambda im: im[..., 0], "(4, 32, 32)", "np.repeat(images[..., None], 3, axis=-1)"),
+    ],
+    ids=["float-0..1", "uint16", "int64", "channels-first", "one-channel", "greyscale"],
+)
+def test_dataset_refuses_images_it_would_mistrain_on_and_says_how_to_convert(
+    convert, given: str, fix: str
+) -> None:
+    images, labels = synthetic_cifar10(4)
+    wrong = convert(images)
+    with pytest.raises(ValueError) as err:
+        CIFAR10Dataset(wrong, labels)
+    assert given in str(err.value) and fix in str(err.value)
+    fixed = eval(fix, {"np": np, "images": wrong})  # the suggested conversion, run as printed
+    expected = np.repeat(images[..., :1], 3, axis=-1) if "repeat" in fix else images
+    np.testing.assert_array_equal(CIFAR10Dataset(fixed, labels).images, expected)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.arange(4) / 1.0, "labels are float64"),
+        (np.array([0, 1, 2, 10]), "labels span 0..10"),
+        (np.eye(10, dtype=np.int64)[:4], "argmax"),
+    ],
+    ids=["float", "out-of-range", "one-hot"],
+)
+def test_dataset_refuses_labels_that_are_not_class_indices(
+    labels: np.ndarray, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        CIFAR10Dataset(synthetic_cifar10(4)[0], labels)

@@ -127,6 +127,16 @@ def test_brief_check_needs_all_four_blocks_and_head() -> None:
     assert "blocks C1 C2 C3 C4 + head" in failed_rules(net)
 
 
+def test_model_summary_leaves_the_live_model_untouched() -> None:
+    net = Net().train()
+    before = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+    model_summary(net)
+    after = net.state_dict()
+    assert any(name.endswith("num_batches_tracked") for name in after)
+    assert all(torch.equal(before[name], after[name]) for name in before)  # BN statistics too
+    assert net.training
+
+
 def test_model_summary_is_the_torchsummary_table() -> None:
     text = model_summary(Net())
     assert f"Total params: {count_parameters(Net()):,}" in text

@@ -1,6 +1,12 @@
-"""fit trains, repeats, resumes exactly, stops on divergence; History and plots work."""
+"""fit trains, repeats, resumes exactly (and only the same run), stops on divergence, never
+overwrites or corrupts a run; History, scoring and plots work."""
 
+import copy
 import dataclasses
+import io
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.figure
@@ -13,10 +19,17 @@ from model import Net
 from transforms import test_transforms as eval_transforms
 from transforms import train_transforms
 from utils import (
+    CheckpointError,
     History,
     NonFiniteLossError,
     TrainConfig,
+    _load_checkpoint,
+    _make_optimizer,
+    _make_scheduler,
+    _save_checkpoint,
+    _TrainState,
     confusion_matrix,
+    evaluate,
     fit,
     format_table,
     get_device,
@@ -34,11 +47,12 @@ from utils import (
 CONFIG = TrainConfig(batch_size=32, max_lr=0.05, log_every=2)
 
 
-def loaders(n_train: int = 320, n_test: int = 100):
+def loaders(n_train: int = 320, n_test: int = 100, batch_size: int = CONFIG.batch_size,
+            workers: int = 0):
     images, labels = synthetic_cifar10(n_train + n_test, seed=0)
     train = CIFAR10Dataset(images[:n_train], labels[:n_train], train_transforms())
     test = CIFAR10Dataset(images[n_train:], labels[n_train:], eval_transforms())
-    return make_loaders(train, test, batch_size=CONFIG.batch_size, workers=0, seed=CONFIG.seed)
+    return make_loaders(train, test, batch_size=batch_size, workers=workers, seed=CONFIG.seed)
 
 
 def recipe(epochs: int) -> TrainConfig:
@@ -48,6 +62,16 @@ def recipe(epochs: int) -> TrainConfig:
 def train(epochs: int, **kwargs) -> History:
     seed_everything(0)
     return fit(Net(), *loaders(), device="cpu", config=recipe(epochs), progress=False, **kwargs)
+
+
+def tiny_fit(folder: Path | None, model: nn.Module | None = None, n_train: int = 64,
+             test: bool = True, resume: bool = False, **changes) -> History:
+    """A fast run: 64 training images (2 steps of 32 per epoch), 20 test images, 1 epoch."""
+    seed_everything(0)
+    config = dataclasses.replace(CONFIG, **{"epochs": 1, **changes})
+    train_loader, test_loader = loaders(n_train, 20, config.batch_size)
+    return fit(model or Net(), train_loader, test_loader if test else None, config=config,
+               device="cpu", checkpoint_dir=folder, resume=resume, progress=False)
 
 
 def test_training_learns_the_synthetic_classes() -> None:
@@ -106,10 +130,208 @@ def test_resume_ends_with_the_same_history_as_an_uninterrupted_run(tmp_path: Pat
     assert History.load(tmp_path / "history.json") == resumed
 
 
-def test_resume_refuses_a_checkpoint_from_a_different_recipe(tmp_path: Path) -> None:
-    train(epochs=1, checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match="different recipe.*epochs"):
-        train(epochs=2, checkpoint_dir=tmp_path, resume=True)
+def test_resume_with_loader_workers_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    def run(model: nn.Module, **kwargs) -> History:
+        return fit(model, *loaders(128, 40, workers=2), device="cpu", config=recipe(2),
+                   progress=False, **kwargs)
+
+    seed_everything(0)
+    full = run(InterruptAt())
+    seed_everything(0)
+    with pytest.raises(KeyboardInterrupt):
+        run(InterruptAt(n=4 + 2), checkpoint_dir=tmp_path)  # 4 batches per epoch: mid-epoch 2
+    assert History.load(tmp_path / "history.json").epochs == 1
+    seed_everything(123)
+    resumed = run(InterruptAt(), checkpoint_dir=tmp_path, resume=True)
+    assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-6)
+    assert resumed.test_acc == full.test_acc
+    assert resumed.batch_lr == pytest.approx(full.batch_lr)
+
+
+@pytest.fixture(scope="module")
+def last_pt(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The last.pt of a finished `tiny_fit` run (CPU: its GradScaler state is empty)."""
+    folder = tmp_path_factory.mktemp("run")
+    tiny_fit(folder)
+    return (folder / "last.pt").read_bytes()
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(model.state_dict())
+
+
+def assert_same_weights(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_resume_refuses_a_checkpoint_from_a_different_recipe(tmp_path: Path, last_pt: bytes) -> None:
+    (tmp_path / "last.pt").write_bytes(last_pt)
+    with pytest.raises(CheckpointError, match=r"last.pt holds a different run: epochs \(1 in the "
+                       r"checkpoint, 2 now\)\. Resume with the same config.*resume=False"):
+        tiny_fit(tmp_path, epochs=2, resume=True)
+
+
+def test_resume_refuses_other_training_data_or_batch_size(tmp_path: Path, last_pt: bytes) -> None:
+    (tmp_path / "last.pt").write_bytes(last_pt)
+    model = Net()
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"train_images \(64 in the checkpoint, 80 now\)\. ") as error:
+        tiny_fit(tmp_path, model=model, n_train=80, resume=True)  # still 2 steps per epoch
+    assert "steps_per_epoch" not in str(error.value)
+    with pytest.raises(ValueError, match=r"batch_size \(32 in the checkpoint, 16 now\); "
+                       r"steps_per_epoch \(2 in the checkpoint, 4 now\)"):
+        tiny_fit(tmp_path, model=model, batch_size=16, resume=True)
+    assert_same_weights(model, before)
+
+
+def truncated(keep: int) -> Callable[[Path], object]:
+    """Writes a torch file cut after `keep` bytes, as a kill mid-copy leaves it."""
+    def write(path: Path) -> None:
+        torch.save({"model": Net().state_dict()}, path)
+        path.write_bytes(path.read_bytes()[:keep])
+    return write
+
+
+BAD_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
+    "zero bytes": (lambda path: path.write_bytes(b""), r"is not a readable checkpoint \(EOFError\)"),
+    "truncated": (truncated(100_000), r"is not a readable checkpoint \(RuntimeError: "),
+    "cut near the start": (truncated(5_000), r"is not a readable checkpoint \(ValueError: "),
+    "not a torch file": (lambda path: path.write_text("epoch 3\n"), "is not a readable checkpoint"),
+    "bare state_dict": (lambda path: torch.save(Net().state_dict(), path),
+                        r"is not a checkpoint written by this version of fit: it has no 'model'"
+                        r"[^.]* entr(y|ies)\. It looks like a bare state_dict, which loads with model.load_state_dict"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_resume_refuses_a_bad_last_pt_naming_it_and_the_fix(tmp_path: Path, kind: str) -> None:
+    write, reason = BAD_FILES[kind]
+    write(tmp_path / "last.pt")
+    model = Net()
+    before = weights(model)
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "last.pt")) + f" {reason}"
+                       r".* Delete it, or pass resume=False to start a new run"):
+        tiny_fit(tmp_path, model=model, resume=True)
+    assert_same_weights(model, before)
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_load_weights_refuses_a_bad_file_naming_it_and_the_fix(tmp_path: Path, kind: str) -> None:
+    write, reason = BAD_FILES[kind]
+    write(tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "best.pt")) + f" {reason}"
+                       r".* Pass a last.pt or best.pt written by fit\."):
+        load_weights(Net(), tmp_path / "best.pt")
+
+
+def test_load_weights_refuses_another_network_before_copying_any_weight(
+    tmp_path: Path, last_pt: bytes
+) -> None:
+    (tmp_path / "best.pt").write_bytes(last_pt)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3))
+    before = weights(other)
+    with pytest.raises(CheckpointError, match=r"best.pt holds the weights of a different network "
+                       r"\(missing: 0.weight, 0.bias; extra: "):
+        load_weights(other, tmp_path / "best.pt")
+    assert_same_weights(other, before)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: c.pop("scaler"), "it has no 'scaler' entry"),
+        (lambda c: c.update(scaler={"scale": 1024.0}), "incomplete GradScaler state"),
+        (lambda c: c["model"].pop("c1.0.0.weight"), r"different network \(missing: c1.0.0.weight\)"),
+        (lambda c: c.update(history=[]), "it has no 'history' entry"),
+    ],
+)
+def test_a_refused_resume_loads_nothing(
+    tmp_path: Path, last_pt: bytes, damage: Callable[[dict], object], message: str
+) -> None:
+    checkpoint = torch.load(io.BytesIO(last_pt), weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.pt")
+    model = Net()
+    before = weights(model)
+    with pytest.raises(CheckpointError, match=message):
+        tiny_fit(tmp_path, model=model, resume=True)
+    assert_same_weights(model, before)
+
+
+def test_a_cpu_checkpoint_resumes_into_an_enabled_grad_scaler(tmp_path: Path, last_pt: bytes) -> None:
+    """A CPU run resumed on CUDA with AMP: the empty scaler state is skipped, the rest loads."""
+    (tmp_path / "last.pt").write_bytes(last_pt)
+    checkpoint = torch.load(io.BytesIO(last_pt), weights_only=True)
+    assert checkpoint["scaler"] == {}
+    config = dataclasses.replace(CONFIG, epochs=1)
+    model = Net()
+    optimizer = _make_optimizer(model, config)
+    state = _TrainState(model, optimizer, _make_scheduler(optimizer, config, 1, 2),
+                        torch.amp.GradScaler("cpu", enabled=True), History(),
+                        {"train_images": 64, "steps_per_epoch": 2})
+    _load_checkpoint(tmp_path / "last.pt", state, config)
+    assert_same_weights(model, checkpoint["model"])
+    assert state.history.epochs == 1 and state.scaler.is_enabled()
+
+
+def test_a_new_run_moves_the_earlier_run_aside_instead_of_overwriting_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("utils.time.strftime", lambda _: "20261127-153000")  # both moves collide
+    runs = []
+    for seed in (0, 1, 2):
+        tiny_fit(tmp_path, seed=seed)
+        runs.append({name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "history.json")})
+    first, second = tmp_path / "previous-20261127-153000", tmp_path / "previous-20261127-153000-2"
+    assert {name: (first / name).read_bytes() for name in runs[0]} == runs[0]
+    assert {name: (second / name).read_bytes() for name in runs[1]} == runs[1]
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["config"]["seed"] == 2
+    assert capsys.readouterr().out.splitlines() == [
+        f"Starting a new run: moved the earlier run's last.pt, best.pt, history.json to {folder}"
+        for folder in (first, second)
+    ]
+
+
+def test_fit_removes_the_temp_files_of_a_killed_write(tmp_path: Path) -> None:
+    orphans = [tmp_path / name for name in (".last.pt.k2x9a", ".best.pt.3fz", ".history.json.q")]
+    for path in (*orphans, tmp_path / ".notes"):
+        path.write_bytes(b"half a file")
+    with pytest.raises(KeyboardInterrupt):  # the first training step: the folder is ready by then
+        tiny_fit(tmp_path, model=InterruptAt(n=1))
+    assert [path.name for path in tmp_path.iterdir()] == [".notes"]
+
+
+def test_an_unusable_checkpoint_dir_is_refused_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=re.escape(f"cannot write checkpoints to {blocker / 'run'} "
+                                                "(Not a directory). Pass a checkpoint_dir")):
+        tiny_fit(blocker / "run", model=InterruptAt(n=1))  # a training step would interrupt
+
+
+def test_a_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path) -> None:
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: a 0o500 folder stays writable")
+        with pytest.raises(OSError, match=re.escape(f"cannot write checkpoints to {folder} "
+                                                    "(Permission denied)")):
+            tiny_fit(folder, model=InterruptAt(n=1))
+    finally:
+        folder.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("log_every", 0), ("log_every", -1), ("epochs", 0), ("batch_size", 0), ("max_lr", 0.0),
+     ("max_lr", float("nan")), ("label_smoothing", 1.0), ("label_smoothing", -0.1)],
+)
+def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"invalid TrainConfig: {field}={value!r} must be ")):
+        TrainConfig(**{field: value})
 
 
 def test_resume_needs_a_checkpoint_dir() -> None:
@@ -133,12 +355,69 @@ def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_last_good_checkpoin
     tmp_path: Path,
 ) -> None:
     model = DivergesAt(n=10 + 4)  # 10 batches per epoch: batch 4 of epoch 2
-    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 4"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch 4\. .*lower max_lr \(now 0\.05\)"
+                       r".* The checkpoints still hold the last good epoch \(1\)"):
         fit(model, *loaders(), device="cpu", config=recipe(3),
             checkpoint_dir=tmp_path, progress=False)
     assert History.load(tmp_path / "history.json").epochs == 1
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+class PoisonsBatchNormAt(InterruptAt):
+    """Wraps Net; the n-th training forward pass leaves NaN in a BatchNorm running_var."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.n:  # before the forward pass: it saves the buffer for backward
+                self.net.c1[0][1].running_var.fill_(float("nan"))
+        return self.net(x)
+
+
+def finite_checkpoints(folder: Path) -> dict[str, int]:
+    """The epochs each checkpoint in `folder` holds, after asserting all its tensors are finite."""
+    epochs = {}
+    for path in folder.glob("*.pt"):
+        checkpoint = torch.load(path, weights_only=True)
+        tensors = [*checkpoint["model"].values(),
+                   *(t for state in checkpoint["optimizer"]["state"].values() for t in state.values())]
+        assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), path
+        epochs[path.name] = len(checkpoint["history"]["seconds"])
+    return epochs
+
+
+def test_a_non_finite_batchnorm_buffer_stops_the_run_before_any_checkpoint_holds_it(
+    tmp_path: Path,
+) -> None:
+    # The training loss stays finite (train mode uses batch statistics) and no loader is scored.
+    with pytest.raises(NonFiniteLossError, match=r"training diverged in epoch 2: net\.c1\.0\.1\.running_var "
+                       r"holds NaN or infinite values\. .* still hold the last good epoch \(1\)"):
+        tiny_fit(tmp_path, model=PoisonsBatchNormAt(n=2 + 1), test=False, epochs=3)
+    assert finite_checkpoints(tmp_path) == {"last.pt": 1, "best.pt": 1}
+    assert History.load(tmp_path / "history.json").epochs == 1
+
+
+def test_max_lr_100_stops_with_an_error_and_writes_no_non_finite_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1\b.*lower max_lr \(now 100\)") as error:
+        tiny_fit(tmp_path, epochs=3, max_lr=100.0)
+    assert finite_checkpoints(tmp_path) == {}
+    assert f"No checkpoint of this run was written to {tmp_path}" in str(error.value)
+    assert "still hold" not in str(error.value)
+
+
+def test_the_checkpoint_writer_refuses_a_non_finite_tensor(tmp_path: Path) -> None:
+    model = Net()
+    optimizer = _make_optimizer(model, CONFIG)
+    state = _TrainState(model, optimizer, _make_scheduler(optimizer, CONFIG, 1, 1),
+                        torch.amp.GradScaler("cpu", enabled=False), History(),
+                        {"train_images": 1, "steps_per_epoch": 1})
+    with torch.no_grad():
+        model.head[1].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"refusing to write .*last\.pt: its model\..*weight "
+                       "holds NaN or infinities"):
+        _save_checkpoint(tmp_path / "last.pt", state, CONFIG)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
@@ -181,6 +460,21 @@ def test_reports_and_plots(tmp_path: Path) -> None:
     for name, figure in figures.items():
         assert isinstance(figure, matplotlib.figure.Figure)
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_scoring_restores_each_module_mode_and_leaves_batchnorm_alone() -> None:
+    _, test_loader = loaders(64, 20)
+    for training in (True, False):
+        model = Net().train(training)
+        model.c2.eval()  # a frozen part of a training model stays frozen
+        modes = [m.training for m in model.modules()]
+        before = weights(model)
+        evaluate(model, test_loader, "cpu")
+        misclassified(model, test_loader, "cpu")
+        confusion_matrix(model, test_loader, "cpu")
+        assert [m.training for m in model.modules()] == modes
+        assert_same_weights(model, before)
+        assert not torch.is_inference_mode_enabled()
 
 
 def test_format_table_lays_out_a_markdown_table() -> None:
