@@ -573,34 +573,45 @@ def make_loaders(
         workers: loader processes; None picks one per CPU core, up to 8.
         seed: seeds the shuffle and the workers' augmentation, for a repeatable order.
     """
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
-    pin = torch.cuda.is_available()
-    # Workers restart every epoch (not persistent) so each epoch's augmentation streams are
-    # seeded from that epoch's seed: a resumed run then repeats an uninterrupted one exactly.
-    persistent = False
-    generator = torch.Generator().manual_seed(seed)
+    workers = _default_workers(workers)
+    # The train loader's workers restart every epoch (not persistent), so each epoch's
+    # augmentation streams are seeded from that epoch's seed: a resumed run then repeats an
+    # uninterrupted one exactly.
     train_loader = DataLoader(
         train_set,
         batch_size=batch_size,
         shuffle=True,
         drop_last=len(train_set) > batch_size,  # a tiny last batch would upset BatchNorm
         num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=persistent,
-        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_seed_worker,
     )
-    test_loader = DataLoader(
-        test_set,
+    seed_epoch(train_loader, seed)
+    return train_loader, eval_loader(test_set, batch_size, workers)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int | None = None) -> DataLoader:
+    """An ordered loader for scoring (test or validation), batching twice `batch_size`.
+
+    Its order and transforms are fixed, so its workers persist across epochs: restarting them
+    would only cost time (seconds per epoch where workers are spawned, as on macOS).
+    """
+    workers = _default_workers(workers)
+    return DataLoader(
+        dataset,
         batch_size=2 * batch_size,
         shuffle=False,
         num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=persistent,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
     )
-    seed_epoch(train_loader, seed)
-    return train_loader, test_loader
+
+
+def _default_workers(workers: int | None) -> int:
+    """`workers`, or one loader process per CPU core, up to 8, when it is None."""
+    return min(8, os.cpu_count() or 1) if workers is None else workers
 
 
 def _seed_worker(worker_id: int) -> None:

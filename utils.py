@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -12,9 +13,10 @@ import pickle
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -138,9 +140,9 @@ class TrainConfig:
     # Softened targets: cheap regularisation that helps most when data is small.
     label_smoothing: float = 0.1
     seed: int = 0
-    # Autocast to a 16-bit float plus channels-last memory: float16 on CUDA; bfloat16 on CPUs
-    # with native bf16 instructions (about 1.9x the float32 speed on the 2-core AMD EPYC we
-    # measured), float32 on other CPUs, where emulated bf16 would be slower.
+    # Autocast to a 16-bit float: float16 on CUDA; bfloat16 on CPUs with native bf16
+    # instructions, float32 on other CPUs, where emulated bf16 would be slower. The README's
+    # Speed note gives the measured gain and the bench.py command that measures it.
     mixed_precision: bool = True
     # Progress-bar refresh and NaN check, in batches: each costs a device sync on a GPU.
     log_every: int = 20
@@ -194,8 +196,8 @@ class History:
 
     def summary(self, target: float = 85.0) -> str:
         """Final and best test accuracy, and the first epoch that reached `target` percent."""
-        if not self.epochs:
-            return "no completed epochs"
+        if not self.test_acc:
+            return f"{self.epochs} epochs, no test scores (a tuning run: see val_acc)"
         best = self.test_acc.index(self.best_test_acc) + 1
         first = self.first_epoch_reaching(target)
         reached = (
@@ -236,7 +238,7 @@ _RUN_FILES = ("last.pt", "best.pt", "history.json")
 _WRITE_PROBE = ".write-check"
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file and rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -337,7 +339,7 @@ def evaluate(
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
     if count == 0:
-        raise ValueError("evaluate got an empty loader: the test set has no images")
+        raise ValueError("evaluate got an empty loader: the data set it scores has no images")
     return loss_sum.item() / count, 100.0 * correct.item() / count
 
 
@@ -371,23 +373,39 @@ def _predict(
         yield images, labels, logits
 
 
-def _half_dtype(device: torch.device) -> torch.dtype | None:
+def half_dtype(device: torch.device) -> torch.dtype | None:
     """The 16-bit float this device computes fast, or None: fp16 on CUDA, bf16 on bf16 CPUs."""
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
 
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """Whether the CPU does bf16 math in hardware (AVX512-BF16 or AMX), per Linux's cpuinfo.
+
+    oneDNN's own check also passes on AVX-512 CPUs without these instructions (many cloud and
+    Colab CPUs), where bf16 is emulated and slower than float32. Elsewhere: False.
+    """
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
-    """Autocast to the device's fast 16-bit float (see `_half_dtype`); a no-op without one."""
-    dtype = _half_dtype(device)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=enabled and dtype is not None)
+    """Autocast to the device's fast 16-bit float (see `half_dtype`); a no-op without one."""
+    dtype = half_dtype(device)
+    return torch.autocast(
+        device.type, dtype=dtype or torch.float32, enabled=enabled and dtype is not None
+    )
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """Channels-last (NHWC) where the conv kernels are fastest with it: CUDA and oneDNN CPUs."""
+    """Channels-last (NHWC) on CUDA and CPUs, whose conv kernels (cuDNN, oneDNN) prefer it."""
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
@@ -408,8 +426,8 @@ class _TrainState:
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     scaler: torch.amp.GradScaler
     history: History
-    # {"train_images": ..., "steps_per_epoch": ...}: a resume must see the same training data.
-    data: dict[str, int]
+    # Training-set size, steps per epoch and the scored splits: a resume must see the same.
+    data: dict[str, int | str]
 
 
 # Every entry a checkpoint written by `fit` holds; each is a dict.
@@ -494,8 +512,10 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     return payload
 
 
-def _check_same_run(path: Path, payload: dict, data: dict[str, int], config: TrainConfig) -> None:
-    """Refuse a checkpoint whose recipe, training-set size or steps per epoch differ from now."""
+def _check_same_run(
+    path: Path, payload: dict, data: dict[str, int | str], config: TrainConfig
+) -> None:
+    """Refuse a checkpoint whose recipe, training-set size, steps or scored splits differ."""
     saved = {**payload["config"], **payload["data"]}
     wanted = {**dataclasses.asdict(config), **data}
     differences = [
@@ -547,7 +567,14 @@ def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
     _check_same_run(path, payload, state.data, config)
     _check_weights_fit(path, payload["model"], state.model, _RESUME_FIX)
     _check_scaler_state(path, payload["scaler"])
-    history = History(**payload["history"])
+    try:
+        history = History(**payload["history"])
+        # A trial load into a copy: a foreign optimizer state fails here, before any change.
+        copy.deepcopy(state.optimizer).load_state_dict(payload["optimizer"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{path} holds a history or optimizer state this run cannot use ({err}). {_RESUME_FIX}"
+        ) from err
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
@@ -666,11 +693,15 @@ def _run_epoch(
 
 
 def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
-    """Write last.pt, best.pt (when this epoch scores best so far) and history.json."""
-    _save_checkpoint(folder / "last.pt", state, config)
+    """Write best.pt (when this epoch scores best so far), then last.pt and history.json.
+
+    best.pt first: a kill between the two writes then resumes from the epoch before, which
+    is recomputed, instead of losing a best epoch that last.pt already counted.
+    """
     watched = state.history.val_acc or state.history.test_acc
     if not watched or watched[-1] >= max(watched):
         _save_checkpoint(folder / "best.pt", state, config)
+    _save_checkpoint(folder / "last.pt", state, config)
     state.history.save(folder / "history.json")
 
 
@@ -679,14 +710,17 @@ def _open_folder(folder: Path, state: _TrainState, config: TrainConfig, resume: 
     _prepare_folder(folder)
     if resume and (folder / "last.pt").exists():
         _load_checkpoint(folder / "last.pt", state, config)
-    else:
-        _move_earlier_run_aside(folder)
+        return
+    if resume:  # say so: in a fresh VM this usually means the checkpoints are elsewhere
+        print(f"resume=True, but {folder} holds no last.pt: starting a new run")
+    _move_earlier_run_aside(folder)
 
 
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
     test_loader: DataLoader | None = None,
+    *,
     config: TrainConfig | None = None,
     device: torch.device | str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -720,6 +754,16 @@ def fit(
         raise ValueError("resume=True needs checkpoint_dir: the folder holding last.pt")
     if len(train_loader) == 0:
         raise ValueError("the train loader yields no batches: the training set is empty")
+    scored = {
+        split: loader
+        for split, loader in (("val", val_loader), ("test", test_loader))
+        if loader is not None
+    }
+    empty = [split for split, loader in scored.items() if len(loader) == 0]
+    if empty:
+        raise ValueError(
+            f"the {' and '.join(empty)} loader yields no batches: pass None to skip scoring it"
+        )
     if train_loader.batch_size != config.batch_size:
         raise ValueError(
             f"the train loader batches {train_loader.batch_size} images but config.batch_size is "
@@ -738,17 +782,16 @@ def fit(
             device.type, enabled=config.mixed_precision and device.type == "cuda"
         ),
         history=History(),
-        data={"train_images": len(train_loader.dataset), "steps_per_epoch": len(train_loader)},
+        data={
+            "train_images": len(train_loader.dataset),
+            "steps_per_epoch": len(train_loader),
+            "scored": "+".join(scored),
+        },
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
         _open_folder(folder, state, config, resume)
 
-    scored = {
-        split: loader
-        for split, loader in (("val", val_loader), ("test", test_loader))
-        if loader is not None
-    }
     for epoch in range(state.history.epochs + 1, config.epochs + 1):
         try:
             _run_epoch(state, train_loader, scored, device, config, epoch, progress)
@@ -771,7 +814,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def _summary(history: History, epochs: int) -> str:
     """One line per epoch: losses, accuracies, learning rate, time."""
     i = history.epochs - 1
-    parts = [f"epoch {i + 1:>3}/{epochs}  train loss {history.train_loss[i]:.3f} acc {history.train_acc[i]:5.2f}%"]
+    parts = [
+        f"epoch {i + 1:>3}/{epochs}  train loss {history.train_loss[i]:.3f} "
+        f"acc {history.train_acc[i]:5.2f}%"
+    ]
     if history.val_acc:
         parts.append(f"val loss {history.val_loss[i]:.3f} acc {history.val_acc[i]:5.2f}%")
     if history.test_acc:
@@ -826,14 +872,19 @@ def _finish(fig: plt.Figure, path: str | os.PathLike | None) -> plt.Figure:
 
 
 def plot_history(history: History, path: str | os.PathLike | None = None) -> plt.Figure:
-    """Loss and accuracy per epoch, train and test."""
+    """Loss and accuracy per epoch: train, then validation and test where they were scored."""
     epochs = range(1, history.epochs + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4))
     ax_loss.plot(epochs, history.train_loss, label="train (label-smoothed)")
-    ax_loss.plot(epochs, history.test_loss, label="test")
-    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.plot(epochs, history.train_acc, label="train (augmented)")
-    ax_acc.plot(epochs, history.test_acc, label="test")
+    for label, losses, accuracies in (
+        ("validation", history.val_loss, history.val_acc),
+        ("test", history.test_loss, history.test_acc),
+    ):
+        if accuracies:
+            ax_loss.plot(epochs, losses, label=label)
+            ax_acc.plot(epochs, accuracies, label=label)
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

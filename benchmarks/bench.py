@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baseline import BaselineNet  # noqa: E402
 from benchmarks.variants import DeepNet  # noqa: E402
-from dataset import CIFAR10Dataset, Splits, load_splits, make_loaders  # noqa: E402
+from dataset import CIFAR10Dataset, Splits, eval_loader, load_splits, make_loaders  # noqa: E402
 from model import Net, count_parameters  # noqa: E402
 from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
-from utils import TrainConfig, autocast, fit, memory_format, seed_everything  # noqa: E402
+from utils import (  # noqa: E402
+    TrainConfig, autocast, fit, get_device, half_dtype, memory_format, seed_everything
+)
 
 NETS = {"Net": Net, "BaselineNet": BaselineNet, "DeepNet": DeepNet}
 EPOCH_IMAGES = 50_000  # one epoch of full CIFAR-10
@@ -46,7 +49,9 @@ def multiply_adds(model: nn.Module) -> int:
     return counter.get_total_flops() // 2
 
 
-def cpu_train_throughput(model: nn.Module, batch_size: int, steps: int, warmup: int = 3) -> float:
+def cpu_train_throughput(
+    model: nn.Module, batch_size: int, steps: int, warmup: int = 3, mixed_precision: bool = True
+) -> float:
     """Steady-state training images/s on the CPU (forward, backward, SGD step), as `fit` trains."""
     seed_everything(0)
     cpu = torch.device("cpu")
@@ -58,7 +63,7 @@ def cpu_train_throughput(model: nn.Module, batch_size: int, steps: int, warmup: 
         if step == warmup:
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with autocast(cpu):
+        with autocast(cpu, mixed_precision):
             loss = nn.functional.cross_entropy(model(images).float(), labels)
         loss.backward()
         optimizer.step()
@@ -78,9 +83,15 @@ def augmentation_throughput(images: np.ndarray, count: int) -> float:
 
 
 def accuracy_run(
-    net_name: str, data: Splits, config: TrainConfig, augment: dict, workers: int, progress: bool = False
+    net_name: str,
+    data: Splits,
+    config: TrainConfig,
+    augment: dict,
+    workers: int,
+    device: torch.device,
+    progress: bool = False,
 ) -> dict:
-    """Train a fresh net on the CPU with `config`; validation and test accuracy per epoch.
+    """Train a fresh net with `config` on `device`; validation and test accuracy per epoch.
 
     Validation (when `data` holds a split) and test are each scored only if present: a tuning
     run passes data without test images, so the test set is never looked at while tuning.
@@ -94,20 +105,18 @@ def accuracy_run(
         workers=workers,
         seed=config.seed,
     )
-    val_loader = make_loaders(
-        CIFAR10Dataset(data.val_images, data.val_labels, test_transforms()),
-        CIFAR10Dataset(data.val_images, data.val_labels, test_transforms()),
-        batch_size=config.batch_size,
-        workers=workers,
-    )[1] if len(data.val_labels) else None
+    val_set = CIFAR10Dataset(data.val_images, data.val_labels, test_transforms())
+    val_loader = eval_loader(val_set, config.batch_size, workers) if len(val_set) else None
     start = time.perf_counter()
     history = fit(model, train_loader, test_loader if len(data.test_labels) else None,
-                  config=config, device="cpu", progress=progress, val_loader=val_loader)
+                  config=config, device=device, progress=progress, val_loader=val_loader)
+    default = dataclasses.replace(TrainConfig(), epochs=config.epochs, seed=config.seed)
     run = {
         "net": net_name,
+        "device": str(device),
         "seed": config.seed,
         "epochs": config.epochs,
-        "recipe": _changed(dataclasses.replace(TrainConfig(), epochs=config.epochs, seed=config.seed), config),
+        "recipe": _changed(default, config),
         "augment": augment,
         "train_images": len(data.train_labels),
         "val_images": len(data.val_labels),
@@ -131,15 +140,31 @@ def _changed(default: object, current: object) -> dict:
 
 
 def _overrides(pairs: list[str], types: dict[str, type], what: str) -> dict:
-    """Parse `name=value` pairs, typed by the named setting's default."""
+    """Parse `name=value` pairs, typed by the named setting's default; exit naming a bad one."""
     result = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in types:
-            raise SystemExit(f"--{what} {pair!r}: expected name=value with name one of {', '.join(types)}")
-        kind = types[name]
-        result[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            raise SystemExit(
+                f"--{what} {pair!r}: expected name=value with name one of {', '.join(types)}"
+            )
+        try:
+            result[name] = _typed(value, types[name])
+        except ValueError:
+            raise SystemExit(
+                f"--{what} {pair!r}: {value!r} is not a {types[name].__name__}"
+            ) from None
     return result
+
+
+def _typed(value: str, kind: type) -> object:
+    """`value` as a `kind`; booleans must be spelled true/false (or 1/0)."""
+    if kind is bool:
+        words = {"true": True, "1": True, "false": False, "0": False}
+        if value.lower() not in words:
+            raise ValueError(value)
+        return words[value.lower()]
+    return kind(value)
 
 
 def cuda_epoch_seconds(train: tuple, mixed_precision: bool, workers: int) -> dict:
@@ -168,7 +193,9 @@ def cuda_epoch_seconds(train: tuple, mixed_precision: bool, workers: int) -> dic
 
 def main() -> None:
     """Run the benchmark and print the table and the JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a one-to-two-minute smoke run")
     parser.add_argument("--data", default=os.environ.get("S9_DATA"),
                         help="folder holding cifar-10-batches-py/ (default: $S9_DATA; none: synthetic)")
@@ -187,6 +214,8 @@ def main() -> None:
     parser.add_argument("--augment", nargs="+", default=[], metavar="NAME=VALUE",
                         help="train_transforms arguments to change, e.g. rotate=5 cutout_p=0.3")
     parser.add_argument("--workers", type=int, default=None, help="loader workers")
+    parser.add_argument("--device", default=None,
+                        help="device of the accuracy runs (default: CUDA, then MPS, then the CPU)")
     parser.add_argument("--progress", action="store_true", help="progress bars and a line per epoch")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
@@ -198,14 +227,26 @@ def main() -> None:
     if args.no_test:
         data.test_images, data.test_labels = data.test_images[:0], data.test_labels[:0]
     defaults = TrainConfig()
-    recipe = _overrides(args.recipe, {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)}, "recipe")
-    augment_defaults = inspect.signature(train_transforms).parameters
-    augment = _overrides(args.augment, {n: type(p.default) for n, p in augment_defaults.items()}, "augment")
+    # epochs and seed have their own options (--epochs, --seeds), so they are not recipe fields
+    fields = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)
+              if f.name not in ("epochs", "seed")}
+    recipe = _overrides(args.recipe, fields, "recipe")
+    augment_fields = inspect.signature(train_transforms).parameters
+    augment = _overrides(args.augment, {n: type(p.default) for n, p in augment_fields.items()}, "augment")
     nets = ["Net"] if args.quick else args.nets
+    device = torch.device(args.device) if args.device else get_device()
+    mixed_precision = recipe.get("mixed_precision", True)
 
     result: dict = {
-        "device": {"cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-                   "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "device": {
+            "cpu": _cpu_name(),
+            "cpu_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "accuracy_runs_on": str(device),
+            "autocast": str(half_dtype(device)) if mixed_precision and half_dtype(device) else "off",
+            "loader_workers": workers,
+        },
+        "commit": _commit(),
         "torch": torch.__version__,
         "mode": "quick" if args.quick else "full",
         "data": data.source,
@@ -217,12 +258,16 @@ def main() -> None:
         result["nets"][name] = {
             "parameters": count_parameters(model),
             "multiply_adds": multiply_adds(model),
-            "cpu_train_images_per_s": round(cpu_train_throughput(model, defaults.batch_size, steps)),
+            "cpu_train_images_per_s": round(
+                cpu_train_throughput(model, defaults.batch_size, steps, mixed_precision=mixed_precision)
+            ),
         }
-    result["augmentation_images_per_s_one_worker"] = round(augmentation_throughput(data.train_images, aug_count))
+    result["augmentation_images_per_s_one_worker"] = round(
+        augmentation_throughput(data.train_images, aug_count)
+    )
     result["accuracy"] = [
-        accuracy_run(n, data, dataclasses.replace(defaults, epochs=epochs, seed=seed, **recipe), augment, workers,
-                     args.progress)
+        accuracy_run(n, data, dataclasses.replace(defaults, epochs=epochs, seed=seed, **recipe),
+                     augment, workers, device, args.progress)
         for n in nets
         for seed in args.seeds
     ]
@@ -238,6 +283,30 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's cpuinfo), or the architecture where that is unavailable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    """The git commit the benchmark ran at, with '+changes' when the tree differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 def seed_cell(runs: list[dict], key: str, spec: str) -> str:

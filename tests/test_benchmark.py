@@ -1,9 +1,11 @@
 """The benchmark's cost measures are right, and Net is cheaper than the net we started from."""
 
+import pytest
 from torch import nn
 
 from benchmarks.baseline import BaselineNet
-from benchmarks.bench import multiply_adds, seed_cell, table
+from benchmarks.bench import _overrides, multiply_adds, seed_cell, table
+from benchmarks.variants import DeepNet
 from model import Net, check_brief, count_parameters
 
 STARTING_NET_MACS = 36_700_000
@@ -55,3 +57,19 @@ def test_seed_cell_lists_each_seed_then_the_mean() -> None:
     assert seed_cell(runs, "acc", ".2f") == "72.07 / 70.70 / 72.17 (mean 71.65)"
     assert seed_cell(runs[:1], "acc", ".2f") == "72.07"
     assert seed_cell([], "acc", ".2f") == "-"
+
+
+def test_the_deeper_candidate_meets_the_brief_too() -> None:
+    assert all(row.passed for row in check_brief(DeepNet()))
+    assert multiply_adds(DeepNet()) > multiply_adds(Net())
+
+
+def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
+    types = {"max_lr": float, "nesterov": bool, "batch_size": int}
+    assert _overrides(["max_lr=0.4", "nesterov=false", "batch_size=256"], types, "recipe") == {
+        "max_lr": 0.4, "nesterov": False, "batch_size": 256
+    }
+    with pytest.raises(SystemExit, match="'flase' is not a bool"):
+        _overrides(["nesterov=flase"], types, "recipe")
+    with pytest.raises(SystemExit, match="name one of max_lr, nesterov, batch_size"):
+        _overrides(["epochs=3"], types, "recipe")

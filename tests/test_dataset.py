@@ -26,8 +26,11 @@ from dataset import (
     CLASSES,
     CIFAR10Dataset,
     CIFAR10FormatError,
+    eval_loader,
     load_cifar10,
+    load_splits,
     make_loaders,
+    stratified_indices,
     read_batch,
     synthetic_cifar10,
 )
@@ -470,3 +473,34 @@ def test_dataset_refuses_labels_that_are_not_class_indices(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         CIFAR10Dataset(synthetic_cifar10(4)[0], labels)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded() -> None:
+    whole = load_splits(None, synthetic_fallback=True)
+    splits = load_splits(None, synthetic_fallback=True, validation=500)
+    again = load_splits(None, synthetic_fallback=True, validation=500)
+    other = load_splits(None, synthetic_fallback=True, validation=500, split_seed=1)
+    assert len(splits.val_labels) == 500 and len(splits.train_labels) == len(whole.train_labels) - 500
+    assert np.bincount(splits.val_labels).tolist() == [50] * len(CLASSES)
+    rows = {row.tobytes() for row in splits.val_images}
+    assert not rows & {row.tobytes() for row in splits.train_images}  # synthetic rows are unique
+    np.testing.assert_array_equal(splits.val_images, again.val_images)
+    assert not np.array_equal(splits.val_images, other.val_images)
+    np.testing.assert_array_equal(splits.test_images, whole.test_images)  # test set untouched
+
+
+def test_stratified_indices_keep_class_shares_and_refuse_impossible_sizes() -> None:
+    labels = np.array([0] * 70 + [1] * 20 + [2] * 10)
+    picked = stratified_indices(labels, 10, seed=3)
+    assert len(set(picked.tolist())) == 10
+    assert np.bincount(labels[picked]).tolist() == [7, 2, 1]
+    with pytest.raises(ValueError, match="cannot hold out 100 of 100 training images"):
+        stratified_indices(labels, 100)
+
+
+def test_eval_loaders_keep_their_workers_and_train_loaders_restart_theirs() -> None:
+    images, labels = synthetic_cifar10(32)
+    data = CIFAR10Dataset(images, labels, eval_transforms())
+    train_loader, test_loader = make_loaders(data, data, batch_size=8, workers=2)
+    assert test_loader.persistent_workers and not train_loader.persistent_workers
+    assert eval_loader(data, 8, workers=0).batch_size == 16
