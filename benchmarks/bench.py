@@ -344,7 +344,7 @@ def table(result: dict) -> str:
     lines.append(
         f"\naccuracy: {run['epochs']} epochs, {run['train_images']:,} train / "
         f"{run.get('val_images', 0):,} validation / {run['test_images']:,} test images from "
-        f"{result['data']}, seeds {seeds}, CPU; "
+        f"{result['data']}, seeds {seeds}, on {run.get('device', 'cpu')}; "
         + (f"changed from the defaults: {changes}" if changes else "default recipe")
     )
     lines.append(f"augmentation, one worker: {result['augmentation_images_per_s_one_worker']:,} images/s")

@@ -65,15 +65,15 @@ def test_stored_brief_and_receptive_field_tables_match_the_model() -> None:
     assert "| NO " not in stored_output("check_brief(")
 
 
-def test_committed_outputs_come_from_a_full_run_on_real_images() -> None:
+def test_committed_outputs_come_from_a_full_run_on_full_cifar10() -> None:
     data_report = stored_output("load_splits(")
     assert "synthetic" not in data_report
     assert "CIFAR-10 python batches" in data_report
-    # The device cell's output is cleared whenever the cell changes; when stored, it is a full run.
-    device_report = stored_output("seed_everything(SEED)")
-    assert not device_report or "smoke run: False" in device_report
+    assert "50,000 training and 10,000 test images" in data_report
+    assert "smoke run: False" in stored_output("seed_everything(SEED)")
     summary = stored_output("history.summary(")
     assert "(epoch 60)" in summary, "the stored run trained the notebook's default 60 epochs"
+    assert "of 10,000 test images misclassified" in stored_output("misclassified(")
 
 
 # ----------------------------------------------------------------------------- Colab setup
