@@ -599,29 +599,34 @@ def _train_epoch(
     losses: list[torch.Tensor] = []
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
-    for batch, (images, labels) in enumerate(bar, start=1):
-        images, labels = _to_device(images, labels, device)
-        with autocast(device, config.mixed_precision):
-            logits = model(images)
-            loss = criterion(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        state.history.batch_lr.append(scheduler.get_last_lr()[0])
-        scheduler.step()
-        losses.append(loss.detach())
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-        if batch % config.log_every == 0 or batch == len(loader):
-            recent = torch.stack(losses[-config.log_every :]).cpu()
-            _check_finite(recent, epoch, batch - len(recent) + 1)
-            bar.set_postfix(
-                loss=f"{recent.mean().item():.3f}",
-                acc=f"{100.0 * correct.item() / count:.1f}",
-                lr=f"{state.history.batch_lr[-1]:.4f}",
-            )
+    # The bar is advanced by hand, never given the loader: tqdm.auto's asyncio mixin calls
+    # iter() on an iterable at construction (tqdm issue 1598), which would start a second set
+    # of workers each epoch, draw from the shuffle generator and leave an unfinished iterator
+    # for later forked workers to trip over.
+    with tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, disable=not progress) as bar:
+        for batch, (images, labels) in enumerate(loader, start=1):
+            images, labels = _to_device(images, labels, device)
+            with autocast(device, config.mixed_precision):
+                logits = model(images)
+                loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state.history.batch_lr.append(scheduler.get_last_lr()[0])
+            scheduler.step()
+            losses.append(loss.detach())
+            correct += (logits.argmax(1) == labels).sum()
+            count += len(labels)
+            if batch % config.log_every == 0 or batch == len(loader):
+                recent = torch.stack(losses[-config.log_every :]).cpu()
+                _check_finite(recent, epoch, batch - len(recent) + 1)
+                bar.update(batch - bar.n)
+                bar.set_postfix(
+                    loss=f"{recent.mean().item():.3f}",
+                    acc=f"{100.0 * correct.item() / count:.1f}",
+                    lr=f"{state.history.batch_lr[-1]:.4f}",
+                )
     return torch.stack(losses).mean().item(), 100.0 * correct.item() / count
 
 

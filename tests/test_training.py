@@ -99,6 +99,18 @@ def test_the_same_seed_gives_the_same_history() -> None:
     assert a.train_loss == b.train_loss and a.test_acc == b.test_acc
 
 
+def test_each_epoch_iterates_the_train_loader_once_with_progress_bars(monkeypatch) -> None:
+    # tqdm.auto calls iter() on what it is given: an extra iterator per epoch would start
+    # idle workers and draw from the shuffle generator.
+    train_loader, test_loader = loaders()
+    calls = []
+    original = type(train_loader).__iter__
+    monkeypatch.setattr(type(train_loader), "__iter__",
+                        lambda self: calls.append(self is train_loader) or original(self))
+    fit(Net(), train_loader, test_loader, device="cpu", config=recipe(2), progress=True)
+    assert calls.count(True) == 2
+
+
 class InterruptAt(nn.Module):
     """Wraps Net; the n-th training forward pass raises KeyboardInterrupt, like Ctrl-C."""
 
