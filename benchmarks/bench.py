@@ -1,7 +1,9 @@
 """Cost, speed and accuracy of `Net` beside the all-44-channel net we started from.
 
-    python benchmarks/bench.py --seeds 0 1 2   # the README numbers, ~20 min on 2 CPU cores
+    python benchmarks/bench.py --data data/cifar10-full --nets Net --epochs 10  # ~14 min, 2 cores
     python benchmarks/bench.py --quick         # a smoke run of a minute or two (CI)
+
+The README's rows each name their command.
 
 Prints a readable table and one JSON object (also written to --json). Accuracy runs use the
 CIFAR-10 folder named by S9_DATA (python-batch format) and fall back to synthetic data,

@@ -6,10 +6,10 @@ from model import ConvBNReLU, Net, Residual, SeparableConvBNReLU
 
 
 class DeepNet(Net):
-    """`Net` three layers deeper, paid for by a depthwise-separable stride-2 downsample.
+    """`Net` two layers deeper, paid for by a depthwise-separable stride-2 downsample.
 
-    C1 gains a residual 3x3 conv at 32x32, C2 a second (dilated) 3x3 conv in its residual
-    pair, and C4 a second separable conv; C2 -> C3 downsamples with a separable stride-2 conv,
+    C1 wraps its second 3x3 conv in a residual shortcut, C2 gains a second 3x3 conv in its
+    residual pair, and C4 a second separable conv; C2 -> C3 downsamples with a separable stride-2 conv,
     which frees ~65k of the 74k parameters a full 64 -> 128 stride-2 3x3 conv costs.
     """
 

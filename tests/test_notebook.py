@@ -44,6 +44,9 @@ def test_committed_outputs_show_no_warnings_or_errors() -> None:
         assert not any(o.get("name") == "stderr" and "Warning" in "".join(o.get("text", ""))
                        for o in cell.get("outputs", [])), cell["source"]
         assert "Warning" not in output_text(cell), cell["source"]
+        stderr = "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                         if o.get("name") == "stderr")
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, cell["source"]
 
 
 def test_the_brief_and_receptive_field_tables_are_checked_by_nbval() -> None:
