@@ -618,10 +618,10 @@ def _train_epoch(
             losses.append(loss.detach())
             correct += (logits.argmax(1) == labels).sum()
             count += len(labels)
+            bar.update()
             if batch % config.log_every == 0 or batch == len(loader):
                 recent = torch.stack(losses[-config.log_every :]).cpu()
                 _check_finite(recent, epoch, batch - len(recent) + 1)
-                bar.update(batch - bar.n)
                 bar.set_postfix(
                     loss=f"{recent.mean().item():.3f}",
                     acc=f"{100.0 * correct.item() / count:.1f}",
