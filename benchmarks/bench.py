@@ -125,7 +125,7 @@ def accuracy_run(
         "test_images": len(data.test_labels),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "epoch_seconds": round(float(np.median(history.seconds)), 1),
-        # Accuracy on augmented training batches: close to val/test accuracy means underfitting.
+        # Running mean over the last epoch's augmented batches, so below a clean-image score.
         "final_train_acc": round(history.train_acc[-1], 2),
     }
     for split, accuracies in (("val", history.val_acc), ("test", history.test_acc)):

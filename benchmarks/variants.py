@@ -9,8 +9,9 @@ class DeepNet(Net):
     """`Net` two layers deeper, paid for by a depthwise-separable stride-2 downsample.
 
     C1 wraps its second 3x3 conv in a residual shortcut, C2 gains a second 3x3 conv in its
-    residual pair, and C4 a second separable conv; C2 -> C3 downsamples with a separable stride-2 conv,
-    which frees ~65k of the 74k parameters a full 64 -> 128 stride-2 3x3 conv costs.
+    residual pair, and C4 a second separable conv; C2 -> C3 downsamples with a separable
+    stride-2 conv, which frees ~65k of the 74k parameters a full 64 -> 128 stride-2 3x3 conv
+    costs.
     """
 
     def __init__(self, num_classes: int = 10) -> None:
