@@ -327,13 +327,18 @@ def evaluate(
     loader: DataLoader,
     device: torch.device | str | None = None,
     mixed_precision: bool = True,
+    flip: bool = False,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (percent) of `model` over `loader`."""
+    """Mean cross-entropy and accuracy (percent) of `model` over `loader`.
+
+    `flip=True` scores test-time augmentation: the mean of the logits of each image and of its
+    mirror image (two forward passes). Training never uses it; report it apart from plain scores.
+    """
     device = _model_device(model, device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    for _, labels, logits in _predict(model, loader, device, mixed_precision):
+    for _, labels, logits in _predict(model, loader, device, mixed_precision, flip):
         labels = labels.to(device, non_blocking=True)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -353,8 +358,11 @@ def _predict(
     loader: DataLoader,
     device: torch.device | str | None = None,
     mixed_precision: bool = True,
+    flip: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(images, labels, float32 logits) per batch: images and labels as loaded, logits on device.
+
+    With `flip`, the logits are the mean over each image and its horizontal mirror.
 
     Eval mode, inference mode and autocast hold only while a batch is scored, and the model's
     own mode is back before each yield: nothing leaks into the caller's code between batches,
@@ -366,7 +374,10 @@ def _predict(
         model.eval()
         try:
             with torch.inference_mode(), autocast(device, mixed_precision):
-                logits = model(_to_device(images, labels, device)[0]).float()
+                inputs = _to_device(images, labels, device)[0]
+                logits = model(inputs).float()
+                if flip:
+                    logits = (logits + model(inputs.flip(3)).float()) / 2
         finally:
             for module, training in modes:
                 module.training = training

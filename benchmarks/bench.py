@@ -36,7 +36,7 @@ from dataset import CIFAR10Dataset, Splits, eval_loader, load_splits, make_loade
 from model import Net, count_parameters  # noqa: E402
 from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
 from utils import (  # noqa: E402
-    TrainConfig, autocast, fit, get_device, half_dtype, memory_format, seed_everything
+    TrainConfig, autocast, evaluate, fit, get_device, half_dtype, memory_format, seed_everything
 )
 
 NETS = {"Net": Net, "BaselineNet": BaselineNet, "DeepNet": DeepNet}
@@ -135,6 +135,17 @@ def accuracy_run(
             run[f"{split}_acc_per_epoch"] = [round(a, 2) for a in accuracies]
     if history.test_acc:
         run["first_epoch_test_85"] = history.first_epoch_reaching(85.0)
+    # Test-time flip, scored once at the end and kept apart from the plain scores above.
+    for split, loader in (("val", val_loader), ("test", test_loader)):
+        if f"final_{split}_acc" in run:
+            run[f"final_{split}_acc_flip"] = round(evaluate(model, loader, device, flip=True)[1], 2)
+    # The final weights scored on un-augmented training images: well above validation accuracy
+    # means the net fits what it is shown (overfitting, if the gap is wide); close to it means
+    # it underfits, so more capacity or less regularisation should help.
+    clean_train = CIFAR10Dataset(data.train_images, data.train_labels, test_transforms())
+    run["final_clean_train_acc"] = round(
+        evaluate(model, eval_loader(clean_train, config.batch_size, workers), device)[1], 2
+    )
     return run
 
 
@@ -336,6 +347,10 @@ def table(result: dict) -> str:
         ("val acc, final (%)", lambda n: seed_cell(runs[n], "final_val_acc", ".2f")),
         ("test acc, final (%)", lambda n: seed_cell(runs[n], "final_test_acc", ".2f")),
         ("test acc, best epoch (%)", lambda n: seed_cell(runs[n], "best_test_acc", ".2f")),
+        ("val acc, final, test-time flip (%)", lambda n: seed_cell(runs[n], "final_val_acc_flip", ".2f")),
+        ("test acc, final, test-time flip (%)", lambda n: seed_cell(runs[n], "final_test_acc_flip", ".2f")),
+        ("training acc, final weights, un-augmented (%)",
+         lambda n: seed_cell(runs[n], "final_clean_train_acc", ".2f")),
         ("first epoch with test acc >= 85%", lambda n: seed_cell(runs[n], "first_epoch_test_85", "")),
         ("seconds per epoch (median)", lambda n: seed_cell(runs[n], "epoch_seconds", ".0f")),
         ("accuracy run wall time (s)", lambda n: seed_cell(runs[n], "wall_seconds", ".0f")),

@@ -1,12 +1,20 @@
 """The benchmark's cost measures are right, and Net is cheaper than the net we started from."""
 
+import pickle
+from pathlib import Path
+
 import pytest
+import torch
 from torch import nn
 
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import _overrides, multiply_adds, seed_cell, table
+from benchmarks.score import score
 from benchmarks.variants import DeepNet
+from dataset import BATCH_FOLDER, CIFAR10Dataset, eval_loader, synthetic_cifar10
 from model import Net, check_brief, count_parameters
+from transforms import test_transforms as eval_transforms
+from utils import evaluate, seed_everything
 
 STARTING_NET_MACS = 36_700_000
 
@@ -73,3 +81,26 @@ def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
         _overrides(["nesterov=flase"], types, "recipe")
     with pytest.raises(SystemExit, match="name one of max_lr, nesterov, batch_size"):
         _overrides(["epochs=3"], types, "recipe")
+
+
+def test_score_reports_the_saved_weights_on_test_and_training_images(tmp_path: Path) -> None:
+    images, labels = synthetic_cifar10(30, seed=1)
+    for name, part in (("data_batch_1", slice(0, 20)), ("test_batch", slice(20, 30))):
+        batch = {"data": images[part].transpose(0, 3, 1, 2).reshape(-1, 3072),
+                 "labels": labels[part].tolist()}
+        (tmp_path / BATCH_FOLDER).mkdir(exist_ok=True)
+        (tmp_path / BATCH_FOLDER / name).write_bytes(pickle.dumps(batch))
+    seed_everything(0)
+    model = Net().eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "best.pt")
+
+    result = score(tmp_path / "best.pt", str(tmp_path), workers=0)
+
+    def accuracy(part: slice, flip: bool = False) -> float:
+        loader = eval_loader(CIFAR10Dataset(images[part], labels[part], eval_transforms()), 8, 0)
+        return round(evaluate(model, loader, "cpu", flip=flip)[1], 2)
+
+    assert (result["test_images"], result["train_images"]) == (10, 20)
+    assert result["test_acc"] == accuracy(slice(20, 30))
+    assert result["test_acc_flip"] == accuracy(slice(20, 30), flip=True)
+    assert result["clean_train_acc"] == accuracy(slice(0, 20))

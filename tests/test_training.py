@@ -493,6 +493,21 @@ def test_scoring_restores_each_module_mode_and_leaves_batchnorm_alone() -> None:
         assert not torch.is_inference_mode_enabled()
 
 
+def test_test_time_flip_scores_the_mean_logits_of_each_image_and_its_mirror() -> None:
+    seed_everything(0)
+    model = Net().eval()
+    _, test_loader = loaders(64, 20)
+    images, labels = next(iter(test_loader))
+    with torch.no_grad():
+        plain = model(images)
+        mean = (plain + model(images.flip(3))) / 2
+    assert not torch.allclose(plain, mean, rtol=1e-3, atol=1e-4)  # the mirror changes the logits
+    for flip, logits in ((False, plain), (True, mean)):
+        loss, accuracy = evaluate(model, test_loader, "cpu", mixed_precision=False, flip=flip)
+        assert loss == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert accuracy == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+
+
 def test_format_table_lays_out_a_markdown_table() -> None:
     @dataclasses.dataclass
     class Row:

@@ -1,0 +1,74 @@
+"""Score a checkpoint written by `fit`: test accuracy, with test-time flip, and on its training set.
+
+    python benchmarks/score.py checkpoints/best.pt --data data/cifar10-full
+
+Scores the weights as saved, without training: plain test accuracy (what the notebook
+reports), test accuracy with test-time flip (the mean logits of each image and its mirror,
+reported apart because training never sees it), and accuracy on the un-augmented training
+images. The last, set beside test accuracy, says whether the net underfits (close together) or
+fits its training images much better than unseen ones (far apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench import NETS  # noqa: E402
+from dataset import CIFAR10Dataset, eval_loader, load_splits  # noqa: E402
+from transforms import test_transforms  # noqa: E402
+from utils import evaluate, get_device, load_weights  # noqa: E402
+
+
+def score(checkpoint: Path, data_dir: str, net: str = "Net", workers: int = 2) -> dict:
+    """Accuracies (percent) of the checkpoint's weights on the test and training images."""
+    data = load_splits(data_dir)
+    device = get_device()
+    model = load_weights(NETS[net](), checkpoint).to(device)
+
+    def loader(images, labels):
+        return eval_loader(CIFAR10Dataset(images, labels, test_transforms()), 128, workers)
+
+    test = loader(data.test_images, data.test_labels)
+    train = loader(data.train_images, data.train_labels)
+    return {
+        "checkpoint": str(checkpoint),
+        "net": net,
+        "device": str(device),
+        "data": data.source,
+        "test_images": len(data.test_labels),
+        "train_images": len(data.train_labels),
+        "test_acc": round(evaluate(model, test, device)[1], 2),
+        "test_acc_flip": round(evaluate(model, test, device, flip=True)[1], 2),
+        "clean_train_acc": round(evaluate(model, train, device)[1], 2),
+    }
+
+
+def main() -> None:
+    """Score the checkpoint named on the command line; print (and optionally write) JSON."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path, help="a last.pt or best.pt written by fit")
+    parser.add_argument("--data", default=os.environ.get("S9_DATA"),
+                        help="folder holding cifar-10-batches-py/ (default: $S9_DATA)")
+    parser.add_argument("--net", choices=list(NETS), default="Net", help="the checkpoint's network")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers")
+    parser.add_argument("--json", type=Path, help="also write the JSON object here")
+    args = parser.parse_args()
+    if args.data is None:
+        raise SystemExit("no data folder: pass --data DIR (or set S9_DATA) holding cifar-10-batches-py/")
+    text = json.dumps(score(args.checkpoint, args.data, args.net, args.workers), indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
