@@ -3,7 +3,8 @@
     python benchmarks/bench.py --data data/cifar10-full --nets Net --epochs 10  # ~14 min, 2 cores
     python benchmarks/bench.py --quick         # a smoke run of a minute or two (CI)
 
-The README's rows each name their command.
+The README's rows each name their command. Give a long run `--checkpoint-dir DIR`: it then
+checkpoints every epoch, and the same command run again continues from the last one.
 
 Prints a readable table and one JSON object (also written to --json). Accuracy runs use the
 CIFAR-10 folder named by S9_DATA (python-batch format) and fall back to synthetic data,
@@ -92,11 +93,14 @@ def accuracy_run(
     workers: int,
     device: torch.device,
     progress: bool = False,
+    checkpoint_dir: Path | None = None,
 ) -> dict:
     """Train a fresh net with `config` on `device`; validation and test accuracy per epoch.
 
     Validation (when `data` holds a split) and test are each scored only if present: a tuning
     run passes data without test images, so the test set is never looked at while tuning.
+    With `checkpoint_dir`, the run checkpoints every epoch into its own subfolder and continues
+    from there when run again, so a long run survives an interruption.
     """
     seed_everything(config.seed)
     model = NETS[net_name]()
@@ -110,8 +114,10 @@ def accuracy_run(
     val_set = CIFAR10Dataset(data.val_images, data.val_labels, test_transforms())
     val_loader = eval_loader(val_set, config.batch_size, workers) if len(val_set) else None
     start = time.perf_counter()
+    folder = checkpoint_dir / f"{net_name}-seed{config.seed}" if checkpoint_dir else None
     history = fit(model, train_loader, test_loader if len(data.test_labels) else None,
-                  config=config, device=device, progress=progress, val_loader=val_loader)
+                  config=config, device=device, progress=progress, val_loader=val_loader,
+                  checkpoint_dir=folder, resume=folder is not None)
     default = dataclasses.replace(TrainConfig(), epochs=config.epochs, seed=config.seed)
     run = {
         "net": net_name,
@@ -123,6 +129,7 @@ def accuracy_run(
         "train_images": len(data.train_labels),
         "val_images": len(data.val_labels),
         "test_images": len(data.test_labels),
+        # This process only: a resumed run's earlier epochs count in epoch_seconds, not here.
         "wall_seconds": round(time.perf_counter() - start, 1),
         "epoch_seconds": round(float(np.median(history.seconds)), 1),
         # Running mean over the last epoch's augmented batches, so below a clean-image score.
@@ -232,6 +239,8 @@ def main() -> None:
     parser.add_argument("--device", default=None,
                         help="device of the accuracy runs (default: CUDA, then MPS, then the CPU)")
     parser.add_argument("--progress", action="store_true", help="progress bars and a line per epoch")
+    parser.add_argument("--checkpoint-dir", type=Path,
+                        help="checkpoint every epoch under this folder, and resume from it")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
 
@@ -282,7 +291,7 @@ def main() -> None:
     )
     result["accuracy"] = [
         accuracy_run(n, data, dataclasses.replace(defaults, epochs=epochs, seed=seed, **recipe),
-                     augment, workers, device, args.progress)
+                     augment, workers, device, args.progress, args.checkpoint_dir)
         for n in nets
         for seed in args.seeds
     ]

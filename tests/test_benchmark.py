@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from benchmarks.baseline import BaselineNet
-from benchmarks.bench import _overrides, multiply_adds, seed_cell, table
+from benchmarks.bench import _overrides, accuracy_run, multiply_adds, seed_cell, table
 from benchmarks.score import score
 from benchmarks.variants import DeepNet
-from dataset import BATCH_FOLDER, CIFAR10Dataset, eval_loader, synthetic_cifar10
+from dataset import BATCH_FOLDER, CIFAR10Dataset, eval_loader, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters
 from transforms import test_transforms as eval_transforms
-from utils import evaluate, seed_everything
+import utils
+from utils import TrainConfig, evaluate, seed_everything
 
 STARTING_NET_MACS = 36_700_000
 
@@ -104,3 +105,35 @@ def test_score_reports_the_saved_weights_on_test_and_training_images(tmp_path: P
     assert result["test_acc"] == accuracy(slice(20, 30))
     assert result["test_acc_flip"] == accuracy(slice(20, 30), flip=True)
     assert result["clean_train_acc"] == accuracy(slice(0, 20))
+
+
+def test_an_interrupted_benchmark_run_continues_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = load_splits(None, limit=(64, 32), synthetic_fallback=True)
+    config = TrainConfig(batch_size=32, max_lr=0.05, epochs=2)
+    cpu = torch.device("cpu")
+    uninterrupted = accuracy_run("Net", data, config, {}, 0, cpu)
+
+    run_epoch = utils._run_epoch
+
+    def stop_in_epoch_2(*args, **kwargs) -> None:
+        if args[5] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "_run_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy_run("Net", data, config, {}, 0, cpu, checkpoint_dir=tmp_path)
+    epochs_run: list[int] = []
+
+    def record_epoch(*args, **kwargs) -> None:
+        epochs_run.append(args[5])
+        run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "_run_epoch", record_epoch)
+    resumed = accuracy_run("Net", data, config, {}, 0, cpu, checkpoint_dir=tmp_path)
+
+    assert epochs_run == [2]  # epoch 1 came from the checkpoint
+    assert resumed["test_acc_per_epoch"] == uninterrupted["test_acc_per_epoch"]
+    assert resumed["final_clean_train_acc"] == uninterrupted["final_clean_train_acc"]
