@@ -332,7 +332,7 @@ def evaluate(
     """Mean cross-entropy and accuracy (percent) of `model` over `loader`.
 
     `flip=True` scores test-time augmentation: the mean of the logits of each image and of its
-    mirror image (two forward passes). Training never uses it; report it apart from plain scores.
+    mirror image. It costs two forward passes and `fit` never scores with it: report it apart.
     """
     device = _model_device(model, device)
     loss_sum = torch.zeros((), device=device)

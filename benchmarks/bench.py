@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -113,8 +115,9 @@ def accuracy_run(
     )
     val_set = CIFAR10Dataset(data.val_images, data.val_labels, test_transforms())
     val_loader = eval_loader(val_set, config.batch_size, workers) if len(val_set) else None
+    folder = _run_folder(checkpoint_dir, net_name, config, augment, data) if checkpoint_dir else None
+    resumed = folder is not None and (folder / "last.pt").exists()
     start = time.perf_counter()
-    folder = checkpoint_dir / f"{net_name}-seed{config.seed}" if checkpoint_dir else None
     history = fit(model, train_loader, test_loader if len(data.test_labels) else None,
                   config=config, device=device, progress=progress, val_loader=val_loader,
                   checkpoint_dir=folder, resume=folder is not None)
@@ -129,8 +132,10 @@ def accuracy_run(
         "train_images": len(data.train_labels),
         "val_images": len(data.val_labels),
         "test_images": len(data.test_labels),
-        # This process only: a resumed run's earlier epochs count in epoch_seconds, not here.
+        "resumed": resumed,
+        # This process only; train_seconds sums every epoch, also those before a resume.
         "wall_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(sum(history.seconds), 1),
         "epoch_seconds": round(float(np.median(history.seconds)), 1),
         # Running mean over the last epoch's augmented batches, so below a clean-image score.
         "final_train_acc": round(history.train_acc[-1], 2),
@@ -142,18 +147,51 @@ def accuracy_run(
             run[f"{split}_acc_per_epoch"] = [round(a, 2) for a in accuracies]
     if history.test_acc:
         run["first_epoch_test_85"] = history.first_epoch_reaching(85.0)
-    # Test-time flip, scored once at the end and kept apart from the plain scores above.
-    for split, loader in (("val", val_loader), ("test", test_loader)):
-        if f"final_{split}_acc" in run:
-            run[f"final_{split}_acc_flip"] = round(evaluate(model, loader, device, flip=True)[1], 2)
-    # The final weights scored on un-augmented training images: well above validation accuracy
-    # means the net fits what it is shown (overfitting, if the gap is wide); close to it means
-    # it underfits, so more capacity or less regularisation should help.
+    extra = {split: loader for split, loader in (("val", val_loader), ("test", test_loader))
+             if f"final_{split}_acc" in run}
     clean_train = CIFAR10Dataset(data.train_images, data.train_labels, test_transforms())
-    run["final_clean_train_acc"] = round(
-        evaluate(model, eval_loader(clean_train, config.batch_size, workers), device)[1], 2
-    )
+    extra["clean_train"] = eval_loader(clean_train, config.batch_size, workers)
+    run.update(final_scores(model, extra, device, config.mixed_precision))
     return run
+
+
+def final_scores(
+    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, mixed_precision: bool
+) -> dict[str, float]:
+    """Extra scores of the final weights: val/test with test-time flip, clean training images.
+
+    Test-time flip costs two forward passes per image and the per-epoch scores do not use it,
+    so it is kept apart. Training accuracy on un-augmented images, set beside validation
+    accuracy, says whether the net fits its training images much better than unseen ones (a
+    wide gap) or fits neither well (low training accuracy: underfitting).
+    """
+    scores = {}
+    for split, loader in loaders.items():
+        if split == "clean_train":
+            accuracy = evaluate(model, loader, device, mixed_precision)[1]
+            scores["final_clean_train_acc"] = round(accuracy, 2)
+        else:
+            accuracy = evaluate(model, loader, device, mixed_precision, flip=True)[1]
+            scores[f"final_{split}_acc_flip"] = round(accuracy, 2)
+    return scores
+
+
+def _run_folder(
+    checkpoint_dir: Path, net_name: str, config: TrainConfig, augment: dict, data: Splits
+) -> Path:
+    """The checkpoint subfolder of one run, named by everything that defines it.
+
+    `fit` refuses a checkpoint of another TrainConfig, but not of other augmentation or data:
+    a folder per run definition keeps one sweep row from resuming another's weights.
+    """
+    spec = {
+        "config": dataclasses.asdict(config),
+        "augment": augment,
+        "data": data.source,
+        "images": [len(data.train_labels), len(data.val_labels), len(data.test_labels)],
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return checkpoint_dir / f"{net_name}-seed{config.seed}-{digest}"
 
 
 def _changed(default: object, current: object) -> dict:

@@ -3,10 +3,11 @@
     python benchmarks/score.py checkpoints/best.pt --data data/cifar10-full
 
 Scores the weights as saved, without training: plain test accuracy (what the notebook
-reports), test accuracy with test-time flip (the mean logits of each image and its mirror,
-reported apart because training never sees it), and accuracy on the un-augmented training
-images. The last, set beside test accuracy, says whether the net underfits (close together) or
-fits its training images much better than unseen ones (far apart).
+reports), test accuracy with test-time flip (the mean logits of each image and its mirror:
+two forward passes, and the notebook's scores do not use it, so it is reported apart), and
+accuracy on the un-augmented training images. Set beside test accuracy, the last says whether
+the net fits its training images much better than unseen ones (a wide gap) or fits neither
+well (low training accuracy: underfitting).
 """
 
 from __future__ import annotations
@@ -17,25 +18,37 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench import NETS  # noqa: E402
 from dataset import CIFAR10Dataset, eval_loader, load_splits  # noqa: E402
 from transforms import test_transforms  # noqa: E402
-from utils import evaluate, get_device, load_weights  # noqa: E402
+from utils import TrainConfig, evaluate, get_device, load_weights, memory_format  # noqa: E402
 
 
-def score(checkpoint: Path, data_dir: str, net: str = "Net", workers: int = 2) -> dict:
+def scoring_loader(images: np.ndarray, labels: np.ndarray, workers: int) -> DataLoader:
+    """An ordered, un-augmented loader over `images`, batched as `fit` scores them."""
+    dataset = CIFAR10Dataset(images, labels, test_transforms())
+    return eval_loader(dataset, TrainConfig().batch_size, workers)
+
+
+def score(
+    checkpoint: Path,
+    data_dir: str,
+    net: str = "Net",
+    workers: int = 2,
+    device: torch.device | None = None,
+) -> dict:
     """Accuracies (percent) of the checkpoint's weights on the test and training images."""
     data = load_splits(data_dir)
-    device = get_device()
-    model = load_weights(NETS[net](), checkpoint).to(device)
-
-    def loader(images, labels):
-        return eval_loader(CIFAR10Dataset(images, labels, test_transforms()), 128, workers)
-
-    test = loader(data.test_images, data.test_labels)
-    train = loader(data.train_images, data.train_labels)
+    device = device or get_device()
+    model = load_weights(NETS[net](), checkpoint).to(device, memory_format=memory_format(device))
+    test = scoring_loader(data.test_images, data.test_labels, workers)
+    train = scoring_loader(data.train_images, data.train_labels, workers)
     return {
         "checkpoint": str(checkpoint),
         "net": net,
@@ -59,11 +72,13 @@ def main() -> None:
                         help="folder holding cifar-10-batches-py/ (default: $S9_DATA)")
     parser.add_argument("--net", choices=list(NETS), default="Net", help="the checkpoint's network")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
+    parser.add_argument("--device", default=None, help="default: CUDA, then MPS, then the CPU")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
     if args.data is None:
         raise SystemExit("no data folder: pass --data DIR (or set S9_DATA) holding cifar-10-batches-py/")
-    text = json.dumps(score(args.checkpoint, args.data, args.net, args.workers), indent=2)
+    text = json.dumps(score(args.checkpoint, args.data, args.net, args.workers,
+                            torch.device(args.device) if args.device else None), indent=2)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

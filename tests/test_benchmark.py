@@ -1,5 +1,6 @@
 """The benchmark's cost measures are right, and Net is cheaper than the net we started from."""
 
+import inspect
 import pickle
 from pathlib import Path
 
@@ -7,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+import benchmarks.score
+import utils
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import _overrides, accuracy_run, multiply_adds, seed_cell, table
 from benchmarks.score import score
 from benchmarks.variants import DeepNet
-from dataset import BATCH_FOLDER, CIFAR10Dataset, eval_loader, load_splits, synthetic_cifar10
+from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters
-from transforms import test_transforms as eval_transforms
-import utils
-from utils import TrainConfig, evaluate, seed_everything
+from utils import TrainConfig, seed_everything
 
 STARTING_NET_MACS = 36_700_000
 
@@ -84,27 +85,48 @@ def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
         _overrides(["epochs=3"], types, "recipe")
 
 
-def test_score_reports_the_saved_weights_on_test_and_training_images(tmp_path: Path) -> None:
-    images, labels = synthetic_cifar10(30, seed=1)
-    for name, part in (("data_batch_1", slice(0, 20)), ("test_batch", slice(20, 30))):
+def write_cifar_folder(root: Path, images, labels, train: slice, test: slice) -> None:
+    """A CIFAR-10 python-batch folder with one training batch and the test batch."""
+    (root / BATCH_FOLDER).mkdir(parents=True, exist_ok=True)
+    for name, part in (("data_batch_1", train), ("test_batch", test)):
         batch = {"data": images[part].transpose(0, 3, 1, 2).reshape(-1, 3072),
                  "labels": labels[part].tolist()}
-        (tmp_path / BATCH_FOLDER).mkdir(exist_ok=True)
-        (tmp_path / BATCH_FOLDER / name).write_bytes(pickle.dumps(batch))
+        (root / BATCH_FOLDER / name).write_bytes(pickle.dumps(batch))
+
+
+def test_score_reports_the_saved_weights_on_test_and_training_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, labels = synthetic_cifar10(30, seed=1)
+    write_cifar_folder(tmp_path, images, labels, slice(0, 20), slice(20, 30))
     seed_everything(0)
-    model = Net().eval()
-    torch.save({"model": model.state_dict()}, tmp_path / "best.pt")
+    saved = Net().state_dict()
+    torch.save({"model": saved}, tmp_path / "best.pt")
+    calls = []
 
-    result = score(tmp_path / "best.pt", str(tmp_path), workers=0)
+    def spy(model: nn.Module, loader, device, mixed_precision=True, flip=False):
+        calls.append((len(loader.dataset), flip))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+        return 0.0, float(len(calls))
 
-    def accuracy(part: slice, flip: bool = False) -> float:
-        loader = eval_loader(CIFAR10Dataset(images[part], labels[part], eval_transforms()), 8, 0)
-        return round(evaluate(model, loader, "cpu", flip=flip)[1], 2)
+    monkeypatch.setattr(benchmarks.score, "evaluate", spy)
+    result = score(tmp_path / "best.pt", str(tmp_path), workers=0, device=torch.device("cpu"))
 
+    assert calls == [(10, False), (10, True), (20, False)]  # test, test flipped, training
+    assert (result["test_acc"], result["test_acc_flip"], result["clean_train_acc"]) == (1, 2, 3)
     assert (result["test_images"], result["train_images"]) == (10, 20)
-    assert result["test_acc"] == accuracy(slice(20, 30))
-    assert result["test_acc_flip"] == accuracy(slice(20, 30), flip=True)
-    assert result["clean_train_acc"] == accuracy(slice(0, 20))
+
+
+class Interrupted(Exception):
+    """Stands in for a run killed mid-epoch."""
+
+
+RUN_EPOCH = inspect.signature(utils._run_epoch)  # read before any test patches it
+
+
+def epoch_of(call_args: tuple, call_kwargs: dict) -> int:
+    """The `epoch` argument of a call to utils._run_epoch."""
+    return RUN_EPOCH.bind(*call_args, **call_kwargs).arguments["epoch"]
 
 
 def test_an_interrupted_benchmark_run_continues_where_it_stopped(
@@ -114,26 +136,27 @@ def test_an_interrupted_benchmark_run_continues_where_it_stopped(
     config = TrainConfig(batch_size=32, max_lr=0.05, epochs=2)
     cpu = torch.device("cpu")
     uninterrupted = accuracy_run("Net", data, config, {}, 0, cpu)
-
-    run_epoch = utils._run_epoch
+    run_epoch, epochs_run = utils._run_epoch, []
 
     def stop_in_epoch_2(*args, **kwargs) -> None:
-        if args[5] == 2:  # the epoch argument
-            raise KeyboardInterrupt
+        if epoch_of(args, kwargs) == 2:
+            raise Interrupted
+        run_epoch(*args, **kwargs)
+
+    def record_epoch(*args, **kwargs) -> None:
+        epochs_run.append(epoch_of(args, kwargs))
         run_epoch(*args, **kwargs)
 
     monkeypatch.setattr(utils, "_run_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         accuracy_run("Net", data, config, {}, 0, cpu, checkpoint_dir=tmp_path)
-    epochs_run: list[int] = []
-
-    def record_epoch(*args, **kwargs) -> None:
-        epochs_run.append(args[5])
-        run_epoch(*args, **kwargs)
-
     monkeypatch.setattr(utils, "_run_epoch", record_epoch)
     resumed = accuracy_run("Net", data, config, {}, 0, cpu, checkpoint_dir=tmp_path)
-
     assert epochs_run == [2]  # epoch 1 came from the checkpoint
+    assert resumed["resumed"] and not uninterrupted["resumed"]
     assert resumed["test_acc_per_epoch"] == uninterrupted["test_acc_per_epoch"]
     assert resumed["final_clean_train_acc"] == uninterrupted["final_clean_train_acc"]
+
+    epochs_run.clear()  # another sweep row in the same folder starts its own run
+    other = accuracy_run("Net", data, config, {"rotate": 5.0}, 0, cpu, checkpoint_dir=tmp_path)
+    assert epochs_run == [1, 2] and not other["resumed"]
