@@ -140,7 +140,8 @@ def accuracy_run(
         # Running mean over the last epoch's augmented batches, so below a clean-image score.
         "final_train_acc": round(history.train_acc[-1], 2),
     }
-    for split, accuracies in (("val", history.val_acc), ("test", history.test_acc)):
+    for split in ("val", "test", "ema_val", "ema_test"):
+        accuracies = getattr(history, f"{split}_acc")
         if accuracies:
             run[f"final_{split}_acc"] = round(accuracies[-1], 2)
             run[f"best_{split}_acc"] = round(max(accuracies), 2)
@@ -394,6 +395,10 @@ def table(result: dict) -> str:
         ("val acc, final (%)", lambda n: seed_cell(runs[n], "final_val_acc", ".2f")),
         ("test acc, final (%)", lambda n: seed_cell(runs[n], "final_test_acc", ".2f")),
         ("test acc, best epoch (%)", lambda n: seed_cell(runs[n], "best_test_acc", ".2f")),
+        ("val acc, final, moving average of weights (%)",
+         lambda n: seed_cell(runs[n], "final_ema_val_acc", ".2f")),
+        ("test acc, final, moving average of weights (%)",
+         lambda n: seed_cell(runs[n], "final_ema_test_acc", ".2f")),
         ("val acc, final, test-time flip (%)", lambda n: seed_cell(runs[n], "final_val_acc_flip", ".2f")),
         ("test acc, final, test-time flip (%)", lambda n: seed_cell(runs[n], "final_test_acc_flip", ".2f")),
         ("training acc, final weights, un-augmented (%)",

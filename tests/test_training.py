@@ -24,6 +24,7 @@ from utils import (
     NonFiniteLossError,
     TrainConfig,
     _load_checkpoint,
+    _make_ema,
     _make_optimizer,
     _make_scheduler,
     _save_checkpoint,
@@ -126,20 +127,26 @@ class InterruptAt(nn.Module):
         return self.net(x)
 
 
-def test_resume_ends_with_the_same_history_as_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_ends_with_the_same_history_as_an_uninterrupted_run(
+    tmp_path: Path, ema_decay: float
+) -> None:
+    config = dataclasses.replace(recipe(3), ema_decay=ema_decay)
     seed_everything(0)
-    full = fit(InterruptAt(), *loaders(), device="cpu", config=recipe(3), progress=False)
+    full = fit(InterruptAt(), *loaders(), device="cpu", config=config, progress=False)
     seed_everything(0)
     with pytest.raises(KeyboardInterrupt):
-        fit(InterruptAt(n=10 + 5), *loaders(), device="cpu", config=recipe(3),
+        fit(InterruptAt(n=10 + 5), *loaders(), device="cpu", config=config,
             checkpoint_dir=tmp_path, progress=False)
     assert History.load(tmp_path / "history.json").epochs == 1
     seed_everything(123)  # a new session does not share the interrupted one's RNG state
-    resumed = fit(InterruptAt(), *loaders(), device="cpu", config=recipe(3),
+    resumed = fit(InterruptAt(), *loaders(), device="cpu", config=config,
                   checkpoint_dir=tmp_path, resume=True, progress=False)
     assert resumed.epochs == 3
     assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-6)
     assert resumed.test_acc == full.test_acc
+    assert resumed.ema_test_acc == full.ema_test_acc
+    assert len(resumed.ema_test_acc) == (3 if ema_decay else 0)
     assert resumed.batch_lr == pytest.approx(full.batch_lr)
     assert History.load(tmp_path / "history.json") == resumed
 
@@ -343,7 +350,8 @@ def test_a_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path) -
 @pytest.mark.parametrize(
     "field, value",
     [("log_every", 0), ("log_every", -1), ("epochs", 0), ("batch_size", 0), ("max_lr", 0.0),
-     ("max_lr", float("nan")), ("label_smoothing", 1.0), ("label_smoothing", -0.1)],
+     ("max_lr", float("nan")), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
+     ("ema_decay", 1.0), ("ema_decay", -0.5)],
 )
 def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=re.escape(f"invalid TrainConfig: {field}={value!r} must be ")):
@@ -508,6 +516,33 @@ def test_test_time_flip_scores_the_mean_logits_of_each_image_and_its_mirror() ->
         assert accuracy == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
 
 
+def test_the_moving_average_weighs_each_step_by_the_decay() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = _make_ema(model, decay=0.75)
+    for value in (1.0, 5.0):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+            model[1].running_mean.fill_(value)
+        ema.update_parameters(model)
+    # The first update copies the weights; each later one moves 1 - decay of the way.
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 0.75 * 1.0 + 0.25 * 5.0))
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 2.0))
+
+
+def test_scoring_a_moving_average_leaves_training_and_checkpoints_unchanged(tmp_path: Path) -> None:
+    plain = train(epochs=2, checkpoint_dir=tmp_path / "plain")
+    seed_everything(0)
+    averaged = fit(Net(), *loaders(), device="cpu", progress=False, checkpoint_dir=tmp_path / "ema",
+                   config=dataclasses.replace(recipe(2), ema_decay=0.9))
+    assert averaged.train_loss == plain.train_loss and averaged.test_acc == plain.test_acc
+    assert len(averaged.ema_test_acc) == 2 and not plain.ema_test_acc
+    saved = {name: torch.load(tmp_path / name / "last.pt", weights_only=True)
+             for name in ("plain", "ema")}
+    for key, tensor in saved["plain"]["model"].items():
+        assert torch.equal(tensor, saved["ema"]["model"][key])
+    assert saved["ema"]["ema"] and not saved["plain"]["ema"]
+
+
 def test_format_table_lays_out_a_markdown_table() -> None:
     @dataclasses.dataclass
     class Row:
@@ -564,6 +599,17 @@ def test_resume_refuses_a_run_that_scored_other_splits(tmp_path: Path, last_pt: 
     (tmp_path / "last.pt").write_bytes(last_pt)
     with pytest.raises(CheckpointError, match=r"scored \('test' in the checkpoint, '' now\)"):
         tiny_fit(tmp_path, test=False, resume=True)
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(
+    tmp_path: Path, last_pt: bytes
+) -> None:
+    payload = torch.load(io.BytesIO(last_pt), weights_only=True)
+    del payload["config"]["ema_decay"], payload["ema"]  # as written before EMA existed
+    torch.save(payload, tmp_path / "last.pt")
+    assert tiny_fit(tmp_path, resume=True).epochs == 1
+    with pytest.raises(CheckpointError, match=r"ema_decay \(0.0 in the checkpoint, 0.5 now\)"):
+        tiny_fit(tmp_path, resume=True, ema_decay=0.5)
 
 
 def test_resume_without_a_last_pt_says_it_starts_a_new_run(
