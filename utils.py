@@ -22,7 +22,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -313,9 +312,31 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     )
 
 
-def _make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """A moving average of `model`'s weights and BatchNorm statistics, updated every batch."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics.
+
+    Args:
+        model: the network being trained; the average starts as a copy of its weights.
+        decay: the weight kept by the average at each `update` (0.998: ~500 updates' memory).
+
+    Written by hand rather than with torch's AveragedModel, whose step counter lives on the
+    CPU and costs a GPU sync on every update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self._floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        self._counts = [pair for pair in pairs if not pair[0].is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move every float tensor 1 - decay of the way to the model's; copy integer counters."""
+        averages, current = zip(*self._floats)
+        torch._foreach_lerp_(list(averages), list(current), 1.0 - self.decay)
+        for average, count in self._counts:
+            average.copy_(count)
 
 
 def _make_scheduler(
@@ -452,7 +473,7 @@ class _TrainState:
     history: History
     # Training-set size, steps per epoch and the scored splits: a resume must see the same.
     data: dict[str, int | str]
-    ema: AveragedModel | None = None
+    ema: WeightAverage | None = None
 
 
 # Every entry a checkpoint written by `fit` holds; each is a dict.
@@ -460,6 +481,9 @@ _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "history", "con
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 # Config fields a resumed run may change: they change no result worth refusing.
 _FREE_FIELDS = ("log_every", "mixed_precision")
+# Config fields added after checkpoints were first written, with the value every older
+# checkpoint's run had: such a checkpoint resumes as long as the field still has that value.
+_ADDED_FIELDS = {"ema_decay": 0.0}
 # torch.load reports an empty, cut-short or foreign file as any of these.
 _UNREADABLE = (
     EOFError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError,
@@ -481,7 +505,7 @@ def _save_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
         "history": state.history.to_dict(),
         "config": dataclasses.asdict(config),
         "data": state.data,
-        "ema": state.ema.state_dict() if state.ema is not None else {},
+        "ema": state.ema.module.state_dict() if state.ema is not None else {},
     }
     bad = _first_non_finite(payload)
     if bad is not None:
@@ -542,8 +566,7 @@ def _check_same_run(
     path: Path, payload: dict, data: dict[str, int | str], config: TrainConfig
 ) -> None:
     """Refuse a checkpoint whose recipe, training-set size, steps or scored splits differ."""
-    # A field newer than the checkpoint was, in effect, at its default when it was written.
-    saved = {**dataclasses.asdict(TrainConfig()), **payload["config"], **payload["data"]}
+    saved = {**_ADDED_FIELDS, **payload["config"], **payload["data"]}
     wanted = {**dataclasses.asdict(config), **data}
     differences = [
         f"{key} ({saved.get(key)!r} in the checkpoint, {value!r} now)"
@@ -593,6 +616,13 @@ def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
     payload = _read_checkpoint(path, _CHECKPOINT_KEYS, _RESUME_FIX)
     _check_same_run(path, payload, state.data, config)
     _check_weights_fit(path, payload["model"], state.model, _RESUME_FIX)
+    if state.ema is not None:
+        if not isinstance(payload.get("ema"), dict) or not payload["ema"]:
+            raise CheckpointError(
+                f"{path} holds no moving average of the weights, though its run had "
+                f"ema_decay={config.ema_decay}. {_RESUME_FIX}"
+            )
+        _check_weights_fit(path, payload["ema"], state.ema.module, _RESUME_FIX)
     _check_scaler_state(path, payload["scaler"])
     try:
         history = History(**payload["history"])
@@ -604,7 +634,7 @@ def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
         ) from err
     state.model.load_state_dict(payload["model"])
     if state.ema is not None:
-        state.ema.load_state_dict(payload["ema"])
+        state.ema.module.load_state_dict(payload["ema"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     # Empty: the run had no GradScaler (CPU, or AMP off); one now enabled (CUDA) starts afresh.
@@ -643,7 +673,7 @@ def _train_epoch(
             scaler.step(optimizer)
             scaler.update()
             if state.ema is not None:
-                state.ema.update_parameters(model)
+                state.ema.update()
             state.history.batch_lr.append(scheduler.get_last_lr()[0])
             scheduler.step()
             losses.append(loss.detach())
@@ -722,14 +752,25 @@ def _run_epoch(
     for split, (loss, accuracy) in scores.items():
         getattr(history, f"{split}_loss").append(loss)
         getattr(history, f"{split}_acc").append(accuracy)
-    if state.ema is not None:
-        for split, loader in scored.items():
-            accuracy = evaluate(state.ema.module, loader, device, config.mixed_precision)[1]
-            getattr(history, f"ema_{split}_acc").append(accuracy)
     history.lr.append(history.batch_lr[-1])
     history.seconds.append(time.perf_counter() - start)
+    if state.ema is not None:  # after the timer: runs with and without it time alike
+        _score_average(state.ema, history, scored, device, config.mixed_precision)
     if progress:
         tqdm.write(_summary(history, config.epochs))
+
+
+def _score_average(
+    ema: WeightAverage,
+    history: History,
+    scored: dict[str, DataLoader],
+    device: torch.device,
+    mixed_precision: bool,
+) -> None:
+    """Score the moving average of the weights on each scored split; record it in `history`."""
+    for split, loader in scored.items():
+        accuracy = evaluate(ema.module, loader, device, mixed_precision)[1]
+        getattr(history, f"ema_{split}_acc").append(accuracy)
 
 
 def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
@@ -827,7 +868,7 @@ def fit(
             "steps_per_epoch": len(train_loader),
             "scored": "+".join(scored),
         },
-        ema=_make_ema(model, config.ema_decay) if config.ema_decay > 0 else None,
+        ema=WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None,
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
@@ -864,8 +905,9 @@ def _summary(history: History, epochs: int) -> str:
     if history.test_acc:
         parts.append(f"test loss {history.test_loss[i]:.3f} acc {history.test_acc[i]:5.2f}%")
     for split in ("val", "test"):
-        if getattr(history, f"ema_{split}_acc"):
-            parts.append(f"EMA {split} acc {getattr(history, f'ema_{split}_acc')[i]:5.2f}%")
+        averaged = getattr(history, f"ema_{split}_acc")
+        if averaged:
+            parts.append(f"EMA {split} acc {averaged[i]:5.2f}%")
     parts.append(f"lr {history.lr[i]:.4f}  {history.seconds[i]:.1f}s")
     return "  ".join(parts)
 

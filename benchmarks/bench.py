@@ -186,7 +186,7 @@ def _run_folder(
     a folder per run definition keeps one sweep row from resuming another's weights.
     """
     spec = {
-        "config": dataclasses.asdict(config),
+        "config": _changed(TrainConfig(), config),  # a new field at its default keeps the name
         "augment": augment,
         "data": data.source,
         "images": [len(data.train_labels), len(data.val_labels), len(data.test_labels)],

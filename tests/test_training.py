@@ -24,7 +24,6 @@ from utils import (
     NonFiniteLossError,
     TrainConfig,
     _load_checkpoint,
-    _make_ema,
     _make_optimizer,
     _make_scheduler,
     _save_checkpoint,
@@ -43,6 +42,7 @@ from utils import (
     plot_history,
     plot_lr_schedule,
     plot_misclassified,
+    WeightAverage,
     seed_everything,
     show_samples,
 )
@@ -132,23 +132,29 @@ def test_resume_ends_with_the_same_history_as_an_uninterrupted_run(
     tmp_path: Path, ema_decay: float
 ) -> None:
     config = dataclasses.replace(recipe(3), ema_decay=ema_decay)
+    folder, full_folder = tmp_path / "resumed", tmp_path / "full"
     seed_everything(0)
-    full = fit(InterruptAt(), *loaders(), device="cpu", config=config, progress=False)
+    full = fit(InterruptAt(), *loaders(), device="cpu", config=config, progress=False,
+               checkpoint_dir=full_folder)
     seed_everything(0)
     with pytest.raises(KeyboardInterrupt):
         fit(InterruptAt(n=10 + 5), *loaders(), device="cpu", config=config,
-            checkpoint_dir=tmp_path, progress=False)
-    assert History.load(tmp_path / "history.json").epochs == 1
+            checkpoint_dir=folder, progress=False)
+    assert History.load(folder / "history.json").epochs == 1
     seed_everything(123)  # a new session does not share the interrupted one's RNG state
     resumed = fit(InterruptAt(), *loaders(), device="cpu", config=config,
-                  checkpoint_dir=tmp_path, resume=True, progress=False)
+                  checkpoint_dir=folder, resume=True, progress=False)
     assert resumed.epochs == 3
     assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-6)
     assert resumed.test_acc == full.test_acc
     assert resumed.ema_test_acc == full.ema_test_acc
     assert len(resumed.ema_test_acc) == (3 if ema_decay else 0)
     assert resumed.batch_lr == pytest.approx(full.batch_lr)
-    assert History.load(tmp_path / "history.json") == resumed
+    assert History.load(folder / "history.json") == resumed
+    averages = [torch.load(f / "last.pt", weights_only=True)["ema"] for f in (folder, full_folder)]
+    assert averages[0].keys() == averages[1].keys()
+    for key, tensor in averages[0].items():
+        torch.testing.assert_close(tensor, averages[1][key], rtol=1e-5, atol=1e-6)
 
 
 def test_resume_with_loader_workers_matches_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -518,15 +524,20 @@ def test_test_time_flip_scores_the_mean_logits_of_each_image_and_its_mirror() ->
 
 def test_the_moving_average_weighs_each_step_by_the_decay() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    ema = _make_ema(model, decay=0.75)
-    for value in (1.0, 5.0):
-        with torch.no_grad():
-            model[0].weight.fill_(value)
-            model[1].running_mean.fill_(value)
-        ema.update_parameters(model)
-    # The first update copies the weights; each later one moves 1 - decay of the way.
-    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 0.75 * 1.0 + 0.25 * 5.0))
-    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 2.0))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].running_mean.fill_(1.0)
+    average = WeightAverage(model, decay=0.75)
+    with torch.no_grad():
+        model[0].weight.fill_(5.0)
+        model[1].running_mean.fill_(5.0)
+        model[1].num_batches_tracked.fill_(7)
+    average.update()
+    # Starts as a copy; each update moves 1 - decay of the way; integer counters are copied.
+    assert torch.equal(average.module[0].weight, torch.full((2, 2), 0.75 * 1.0 + 0.25 * 5.0))
+    assert torch.equal(average.module[1].running_mean, torch.full((2,), 2.0))
+    assert average.module[1].num_batches_tracked.item() == 7
+    assert not any(p.requires_grad for p in average.module.parameters())
 
 
 def test_scoring_a_moving_average_leaves_training_and_checkpoints_unchanged(tmp_path: Path) -> None:
@@ -540,7 +551,26 @@ def test_scoring_a_moving_average_leaves_training_and_checkpoints_unchanged(tmp_
              for name in ("plain", "ema")}
     for key, tensor in saved["plain"]["model"].items():
         assert torch.equal(tensor, saved["ema"]["model"][key])
-    assert saved["ema"]["ema"] and not saved["plain"]["ema"]
+    assert not saved["plain"]["ema"]
+    # The scores are the saved average's, and it is not the model's own weights.
+    average = Net()
+    average.load_state_dict(saved["ema"]["ema"])
+    assert evaluate(average, loaders()[1], "cpu")[1] == averaged.ema_test_acc[-1]
+    assert not torch.equal(average.head[1].weight, saved["ema"]["model"]["head.1.weight"])
+
+
+def test_a_checkpoint_without_its_moving_average_is_refused_before_anything_loads(
+    tmp_path: Path
+) -> None:
+    tiny_fit(tmp_path, ema_decay=0.5)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    payload["ema"] = {}
+    torch.save(payload, tmp_path / "last.pt")
+    model = Net()
+    before = weights(model)
+    with pytest.raises(CheckpointError, match="holds no moving average of the weights"):
+        tiny_fit(tmp_path, model=model, resume=True, ema_decay=0.5)
+    assert_same_weights(model, before)
 
 
 def test_format_table_lays_out_a_markdown_table() -> None:
@@ -606,6 +636,7 @@ def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(
 ) -> None:
     payload = torch.load(io.BytesIO(last_pt), weights_only=True)
     del payload["config"]["ema_decay"], payload["ema"]  # as written before EMA existed
+    del payload["history"]["ema_test_acc"], payload["history"]["ema_val_acc"]
     torch.save(payload, tmp_path / "last.pt")
     assert tiny_fit(tmp_path, resume=True).epochs == 1
     with pytest.raises(CheckpointError, match=r"ema_decay \(0.0 in the checkpoint, 0.5 now\)"):
