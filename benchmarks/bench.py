@@ -113,8 +113,8 @@ def accuracy_run(
         workers=workers,
         seed=config.seed,
     )
-    val_set = CIFAR10Dataset(data.val_images, data.val_labels, test_transforms())
-    val_loader = eval_loader(val_set, config.batch_size, workers) if len(val_set) else None
+    val_loader = (scoring_loader(data.val_images, data.val_labels, config.batch_size, workers)
+                  if len(data.val_labels) else None)
     folder = _run_folder(checkpoint_dir, net_name, config, augment, data) if checkpoint_dir else None
     resumed = folder is not None and (folder / "last.pt").exists()
     start = time.perf_counter()
@@ -148,33 +148,24 @@ def accuracy_run(
             run[f"{split}_acc_per_epoch"] = [round(a, 2) for a in accuracies]
     if history.test_acc:
         run["first_epoch_test_85"] = history.first_epoch_reaching(85.0)
-    extra = {split: loader for split, loader in (("val", val_loader), ("test", test_loader))
-             if f"final_{split}_acc" in run}
-    clean_train = CIFAR10Dataset(data.train_images, data.train_labels, test_transforms())
-    extra["clean_train"] = eval_loader(clean_train, config.batch_size, workers)
-    run.update(final_scores(model, extra, device, config.mixed_precision))
+    # Test-time flip costs two forward passes and the per-epoch scores do not use it: kept apart.
+    for split, loader in (("val", val_loader), ("test", test_loader)):
+        if f"final_{split}_acc" in run:
+            flipped = evaluate(model, loader, device, config.mixed_precision, flip=True)[1]
+            run[f"final_{split}_acc_flip"] = round(flipped, 2)
+    # Beside validation accuracy, this says whether the net fits its training images much
+    # better than unseen ones (a wide gap) or fits neither well (underfitting).
+    clean_train = scoring_loader(data.train_images, data.train_labels, config.batch_size, workers)
+    clean = evaluate(model, clean_train, device, config.mixed_precision)[1]
+    run["final_clean_train_acc"] = round(clean, 2)
     return run
 
 
-def final_scores(
-    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, mixed_precision: bool
-) -> dict[str, float]:
-    """Extra scores of the final weights: val/test with test-time flip, clean training images.
-
-    Test-time flip costs two forward passes per image and the per-epoch scores do not use it,
-    so it is kept apart. Training accuracy on un-augmented images, set beside validation
-    accuracy, says whether the net fits its training images much better than unseen ones (a
-    wide gap) or fits neither well (low training accuracy: underfitting).
-    """
-    scores = {}
-    for split, loader in loaders.items():
-        if split == "clean_train":
-            accuracy = evaluate(model, loader, device, mixed_precision)[1]
-            scores["final_clean_train_acc"] = round(accuracy, 2)
-        else:
-            accuracy = evaluate(model, loader, device, mixed_precision, flip=True)[1]
-            scores[f"final_{split}_acc_flip"] = round(accuracy, 2)
-    return scores
+def scoring_loader(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int
+) -> DataLoader:
+    """An ordered, un-augmented loader over `images`, batched as `fit` scores them."""
+    return eval_loader(CIFAR10Dataset(images, labels, test_transforms()), batch_size, workers)
 
 
 def _run_folder(

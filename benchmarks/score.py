@@ -18,22 +18,13 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench import NETS  # noqa: E402
-from dataset import CIFAR10Dataset, eval_loader, load_splits  # noqa: E402
-from transforms import test_transforms  # noqa: E402
+from benchmarks.bench import NETS, scoring_loader  # noqa: E402
+from dataset import load_splits  # noqa: E402
 from utils import TrainConfig, evaluate, get_device, load_weights, memory_format  # noqa: E402
-
-
-def scoring_loader(images: np.ndarray, labels: np.ndarray, workers: int) -> DataLoader:
-    """An ordered, un-augmented loader over `images`, batched as `fit` scores them."""
-    dataset = CIFAR10Dataset(images, labels, test_transforms())
-    return eval_loader(dataset, TrainConfig().batch_size, workers)
 
 
 def score(
@@ -47,8 +38,9 @@ def score(
     data = load_splits(data_dir)
     device = device or get_device()
     model = load_weights(NETS[net](), checkpoint).to(device, memory_format=memory_format(device))
-    test = scoring_loader(data.test_images, data.test_labels, workers)
-    train = scoring_loader(data.train_images, data.train_labels, workers)
+    batch_size = TrainConfig().batch_size
+    test = scoring_loader(data.test_images, data.test_labels, batch_size, workers)
+    train = scoring_loader(data.train_images, data.train_labels, batch_size, workers)
     return {
         "checkpoint": str(checkpoint),
         "net": net,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import benchmarks.bench
 import benchmarks.score
 import utils
 from benchmarks.baseline import BaselineNet
@@ -16,6 +17,7 @@ from benchmarks.score import score
 from benchmarks.variants import DeepNet
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters
+from transforms import test_transforms as eval_transforms
 from utils import TrainConfig, seed_everything
 
 STARTING_NET_MACS = 36_700_000
@@ -160,3 +162,25 @@ def test_an_interrupted_benchmark_run_continues_where_it_stopped(
     epochs_run.clear()  # another sweep row in the same folder starts its own run
     other = accuracy_run("Net", data, config, {"rotate": 5.0}, 0, cpu, checkpoint_dir=tmp_path)
     assert epochs_run == [1, 2] and not other["resumed"]
+
+
+def test_a_benchmark_run_scores_its_final_weights_flipped_and_on_clean_training_images(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = load_splits(None, limit=(64, 32), synthetic_fallback=True, validation=16)
+    calls = []
+
+    def spy(model: nn.Module, loader, device, mixed_precision=True, flip=False):
+        steps = [type(step).__name__ for step in loader.dataset.transform.transforms]
+        calls.append((len(loader.dataset), flip, steps))
+        return 0.0, 10.0 * len(calls)
+
+    monkeypatch.setattr(benchmarks.bench, "evaluate", spy)
+    config = TrainConfig(batch_size=16, max_lr=0.05, epochs=1)
+    run = accuracy_run("Net", data, config, {}, 0, torch.device("cpu"))
+    assert [call[:2] for call in calls] == [(16, True), (32, True), (48, False)]
+    unaugmented = [type(step).__name__ for step in eval_transforms().transforms]
+    assert all(call[2] == unaugmented for call in calls)  # training images scored as loaded
+    assert (run["final_val_acc_flip"], run["final_test_acc_flip"], run["final_clean_train_acc"]) == (
+        10.0, 20.0, 30.0
+    )
