@@ -50,7 +50,9 @@ def test_table_puts_both_nets_side_by_side() -> None:
         },
         "accuracy": [
             {"net": "Net", "seed": 0, "epochs": 30, "train_images": 4153, "test_images": 1017,
-             "final_test_acc": 72.07, "best_test_acc": 72.07, "wall_seconds": 188.0},
+             "final_test_acc": 72.07, "best_test_acc": 72.07, "wall_seconds": 188.0,
+             "final_ema_test_acc": 71.5, "final_test_acc_flip": 73.01, "final_clean_train_acc": 80.25,
+             "first_epoch_test_85": None},
         ],
         "data": "a sample",
         "augmentation_images_per_s_one_worker": 11184,
@@ -61,6 +63,10 @@ def test_table_puts_both_nets_side_by_side() -> None:
     assert lines[0] == "| metric | Net | BaselineNet |"
     assert "| multiply-adds / image | 32.56 M | 36.66 M |" in lines
     assert "| test acc, final (%) | 72.07 | - |" in lines
+    assert "| test acc, final, moving average of weights (%) | 71.50 | - |" in lines
+    assert "| test acc, final, test-time flip (%) | 73.01 | - |" in lines
+    assert "| training acc, final weights, un-augmented (%) | 80.25 | - |" in lines
+    assert "| first epoch with test acc >= 85% | never | - |" in lines
     assert "augmentation, one worker: 11,184 images/s" in lines
 
 
