@@ -17,7 +17,7 @@ from benchmarks.score import score
 from benchmarks.variants import DeepNet
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters
-from transforms import test_transforms as eval_transforms
+from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
 from utils import TrainConfig, seed_everything
 
 STARTING_NET_MACS = 36_700_000
