@@ -14,7 +14,7 @@ import utils
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import _overrides, accuracy_run, multiply_adds, seed_cell, table
 from benchmarks.score import score
-from benchmarks.variants import DeepNet
+from benchmarks.variants import DeepNet, WideNet
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters
 from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
@@ -80,6 +80,13 @@ def test_seed_cell_lists_each_seed_then_the_mean() -> None:
 def test_the_deeper_candidate_meets_the_brief_too() -> None:
     assert all(row.passed for row in check_brief(DeepNet()))
     assert multiply_adds(DeepNet()) > multiply_adds(Net())
+
+
+def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
+    wide = WideNet()
+    assert all(row.passed for row in check_brief(wide))
+    assert count_parameters(wide) == 197_866
+    assert wide.head[1].in_channels == 192 > Net().head[1].in_channels
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
