@@ -86,7 +86,10 @@ def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
     wide = WideNet()
     assert all(row.passed for row in check_brief(wide))
     assert count_parameters(wide) == 197_866
-    assert wide.head[1].in_channels == 192 > Net().head[1].in_channels
+    assert wide.head[1].in_channels == 192
+    assert Net().head[1].in_channels == 128
+    assert multiply_adds(Net()) < multiply_adds(wide) < 1.01 * multiply_adds(Net())
+    assert count_parameters(WideNet(width=193)) < 200_000 < count_parameters(WideNet(width=194))
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
