@@ -126,10 +126,12 @@ class TrainConfig:
     """The training recipe. The defaults are the project's best measured recipe."""
 
     epochs: int = 30
-    batch_size: int = 128
+    # Batch 256 at peak LR 0.4 matched batch 128 at 0.2 on validation over 60 epochs (87.94% vs
+    # 88.00%) with half the optimizer steps, 15% less time per epoch on a 2-core CPU (README).
+    batch_size: int = 256
     # One-cycle: warm up linearly from max_lr/div_factor to max_lr over the first
     # warmup_fraction of steps, then anneal linearly to max_lr/(div_factor*final_div_factor).
-    max_lr: float = 0.2
+    max_lr: float = 0.4
     warmup_fraction: float = 0.2
     div_factor: float = 10.0
     final_div_factor: float = 100.0
@@ -141,7 +143,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     # > 0: also score an exponential moving average of the weights after every epoch (decay per
     # batch; 0.998 averages over ~500 batches). A measurement: training and best.pt are unchanged.
-    ema_decay: float = 0.0
+    # Past the one-cycle peak it leads the model (85% on validation 18 epochs sooner, README).
+    ema_decay: float = 0.998
     seed: int = 0
     # Autocast to a 16-bit float: float16 on CUDA; bfloat16 on CPUs with native bf16
     # instructions, float32 on other CPUs, where emulated bf16 would be slower. The README's
@@ -197,9 +200,15 @@ class History:
         """Highest test accuracy of any epoch (percent)."""
         return max(self.test_acc, default=float("nan"))
 
-    def first_epoch_reaching(self, accuracy: float) -> int | None:
-        """The first epoch (1-based) whose test accuracy is >= `accuracy`, or None."""
-        return next((i + 1 for i, acc in enumerate(self.test_acc) if acc >= accuracy), None)
+    def first_epoch_reaching(self, accuracy: float, averaged: bool = False) -> int | None:
+        """The first epoch (1-based) whose test accuracy is >= `accuracy`, or None.
+
+        Args:
+            accuracy: the target, in percent.
+            averaged: score the moving average of the weights (`ema_test_acc`), not the model.
+        """
+        scores = self.ema_test_acc if averaged else self.test_acc
+        return next((i + 1 for i, acc in enumerate(scores) if acc >= accuracy), None)
 
     def summary(self, target: float = 85.0) -> str:
         """Final and best test accuracy, and the first epoch that reached `target` percent."""
@@ -212,11 +221,24 @@ class History:
             if first is not None
             else f"never reached {target:g}% in {self.epochs} epochs"
         )
-        return (
+        text = (
             f"final test accuracy {self.test_acc[-1]:.2f}% (epoch {self.epochs}), "
             f"best {self.best_test_acc:.2f}% (epoch {best}); {reached}; "
             f"training time {sum(self.seconds):.0f} s"
         )
+        if self.ema_test_acc:
+            text += f"\nmoving average of the weights: {self._ema_summary(target)}"
+        return text
+
+    def _ema_summary(self, target: float) -> str:
+        """The moving average's final test accuracy and first epoch reaching `target`."""
+        first = self.first_epoch_reaching(target, averaged=True)
+        reached = (
+            f"first reached {target:g}% at epoch {first}"
+            if first is not None
+            else f"never reached {target:g}%"
+        )
+        return f"final test accuracy {self.ema_test_acc[-1]:.2f}%; {reached}"
 
     def to_dict(self) -> dict[str, list[float]]:
         """Plain lists, for JSON and checkpoints."""
@@ -958,7 +980,7 @@ def _finish(fig: plt.Figure, path: str | os.PathLike | None) -> plt.Figure:
 
 
 def plot_history(history: History, path: str | os.PathLike | None = None) -> plt.Figure:
-    """Loss and accuracy per epoch: train, then validation and test where they were scored."""
+    """Loss and accuracy per epoch: train, validation, test and moving average, where scored."""
     epochs = range(1, history.epochs + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4))
     ax_loss.plot(epochs, history.train_loss, label="train (label-smoothed)")
@@ -970,6 +992,12 @@ def plot_history(history: History, path: str | os.PathLike | None = None) -> plt
         if accuracies:
             ax_loss.plot(epochs, losses, label=label)
             ax_acc.plot(epochs, accuracies, label=label)
+    for label, accuracies in (
+        ("validation, moving average", history.ema_val_acc),
+        ("test, moving average", history.ema_test_acc),
+    ):
+        if accuracies:
+            ax_acc.plot(epochs, accuracies, label=label, linestyle="--")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):

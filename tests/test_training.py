@@ -47,7 +47,7 @@ from utils import (
     show_samples,
 )
 
-CONFIG = TrainConfig(batch_size=32, max_lr=0.05, log_every=2)
+CONFIG = TrainConfig(batch_size=32, max_lr=0.05, ema_decay=0.0, log_every=2)
 
 
 def loaders(n_train: int = 320, n_test: int = 100, batch_size: int = CONFIG.batch_size,
@@ -466,6 +466,21 @@ def test_history_round_trips_through_json(tmp_path: Path) -> None:
     assert History.load(tmp_path / "h.json") == history
     assert history.first_epoch_reaching(85.0) == 2 and history.first_epoch_reaching(90.0) is None
     assert history.best_test_acc == 86.0
+
+
+def test_summary_reports_the_moving_average_beside_the_model() -> None:
+    history = History(train_loss=[2.0, 1.5, 1.2], train_acc=[20.0, 40.0, 60.0],
+                      test_loss=[1.9, 1.4, 1.1], test_acc=[30.0, 80.0, 86.0],
+                      ema_test_acc=[10.0, 85.5, 86.5], seconds=[1.0, 1.0, 1.0])
+    assert history.first_epoch_reaching(85.0, averaged=True) == 2
+    assert history.summary().splitlines() == [
+        "final test accuracy 86.00% (epoch 3), best 86.00% (epoch 3); first reached 85% at epoch 3; "
+        "training time 3 s",
+        "moving average of the weights: final test accuracy 86.50%; first reached 85% at epoch 2",
+    ]
+    assert history.summary(target=90.0).endswith("moving average of the weights: final test accuracy 86.50%; never reached 90%")
+    labels_drawn = [line.get_label() for line in plot_history(history).axes[1].lines]
+    assert labels_drawn == ["train (augmented)", "test", "test, moving average"]
 
 
 def test_reports_and_plots(tmp_path: Path) -> None:
