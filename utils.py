@@ -215,30 +215,24 @@ class History:
         if not self.test_acc:
             return f"{self.epochs} epochs, no test scores (a tuning run: see val_acc)"
         best = self.test_acc.index(self.best_test_acc) + 1
-        first = self.first_epoch_reaching(target)
-        reached = (
-            f"first reached {target:g}% at epoch {first}"
-            if first is not None
-            else f"never reached {target:g}% in {self.epochs} epochs"
-        )
         text = (
             f"final test accuracy {self.test_acc[-1]:.2f}% (epoch {self.epochs}), "
-            f"best {self.best_test_acc:.2f}% (epoch {best}); {reached}; "
+            f"best {self.best_test_acc:.2f}% (epoch {best}); {self._reached(target, False)}; "
             f"training time {sum(self.seconds):.0f} s"
         )
         if self.ema_test_acc:
-            text += f"\nmoving average of the weights: {self._ema_summary(target)}"
+            text += (
+                f"\nmoving average of the weights: final test accuracy "
+                f"{self.ema_test_acc[-1]:.2f}%; {self._reached(target, True)}"
+            )
         return text
 
-    def _ema_summary(self, target: float) -> str:
-        """The moving average's final test accuracy and first epoch reaching `target`."""
-        first = self.first_epoch_reaching(target, averaged=True)
-        reached = (
-            f"first reached {target:g}% at epoch {first}"
-            if first is not None
-            else f"never reached {target:g}%"
-        )
-        return f"final test accuracy {self.ema_test_acc[-1]:.2f}%; {reached}"
+    def _reached(self, target: float, averaged: bool) -> str:
+        """When the model (or its moving average) first reached `target` percent, in words."""
+        first = self.first_epoch_reaching(target, averaged)
+        if first is None:
+            return f"never reached {target:g}% in {self.epochs} epochs"
+        return f"first reached {target:g}% at epoch {first}"
 
     def to_dict(self) -> dict[str, list[float]]:
         """Plain lists, for JSON and checkpoints."""

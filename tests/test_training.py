@@ -478,7 +478,8 @@ def test_summary_reports_the_moving_average_beside_the_model() -> None:
         "training time 3 s",
         "moving average of the weights: final test accuracy 86.50%; first reached 85% at epoch 2",
     ]
-    assert history.summary(target=90.0).endswith("moving average of the weights: final test accuracy 86.50%; never reached 90%")
+    assert history.summary(target=90.0).endswith(
+        "moving average of the weights: final test accuracy 86.50%; never reached 90% in 3 epochs")
     labels_drawn = [line.get_label() for line in plot_history(history).axes[1].lines]
     assert labels_drawn == ["train (augmented)", "test", "test, moving average"]
 
