@@ -264,7 +264,10 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     blocks = [name for name in ("c1", "c2", "c3", "c4", "head") if hasattr(model, name)]
     maxpools = [n for n, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))]
     strided = [(name, m) for name, m, _ in body if _geometry(m)[1] > 1]
-    not_3x3_conv = [n for n, m in strided if not (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))]
+    bad_downsamplers = [
+        n for n, m in strided
+        if not (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and _geometry(m)[1] == 2)
+    ]
     dilated = [name for name, m in convs if _geometry(m)[2] > 1]
     separable = _separable_pairs(body)
     head_is_1x1 = gap is not None and all(
@@ -279,9 +282,9 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
         BriefCheck("no max-pooling", f"{len(maxpools)} max-pool layers", not maxpools),
         BriefCheck(
             "downsampling only by 3x3 stride-2 convs",
-            f"not 3x3 convs: {', '.join(not_3x3_conv)}" if not_3x3_conv
+            f"not 3x3 stride-2 convs: {', '.join(bad_downsamplers)}" if bad_downsamplers
             else f"{len(strided)} stride-2 3x3 convs",
-            not not_3x3_conv,
+            not bad_downsamplers,
         ),
         BriefCheck(f"receptive field > {MIN_RECEPTIVE_FIELD - 1}", f"{rf} px", rf >= MIN_RECEPTIVE_FIELD),
         BriefCheck("a dilated conv", ", ".join(dilated) or "none", bool(dilated)),

@@ -128,6 +128,7 @@ def accuracy_run(
         "seed": config.seed,
         "epochs": config.epochs,
         "recipe": _changed(default, config),
+        "config": dataclasses.asdict(config),  # in full: the defaults behind "recipe" change
         "augment": augment,
         "train_images": len(data.train_labels),
         "val_images": len(data.val_labels),
@@ -277,7 +278,13 @@ def main() -> None:
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     steps, aug_count, epochs = (3, 500, 2) if args.quick else (20, 5000, args.epochs)
     limits = (512, 256) if args.quick else None
-    data = load_splits(args.data, limit=limits, synthetic_fallback=True, validation=args.validation)
+    # A folder that was named but holds no CIFAR-10 is an error, not a run on synthetic images.
+    try:
+        data = load_splits(args.data, limit=limits, synthetic_fallback=args.data is None,
+                           validation=args.validation)
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}\nbench.py: give --data (or S9_DATA) a folder holding "
+                         "cifar-10-batches-py/, or neither of them for synthetic images.")
     if args.no_test:
         data.test_images, data.test_labels = data.test_images[:0], data.test_labels[:0]
     defaults = TrainConfig()
@@ -290,6 +297,7 @@ def main() -> None:
     nets = ["Net"] if args.quick else args.nets
     device = torch.device(args.device) if args.device else get_device()
     mixed_precision = recipe.get("mixed_precision", True)
+    batch_size = recipe.get("batch_size", defaults.batch_size)
 
     result: dict = {
         "device": {
@@ -313,7 +321,7 @@ def main() -> None:
             "parameters": count_parameters(model),
             "multiply_adds": multiply_adds(model),
             "cpu_train_images_per_s": round(
-                cpu_train_throughput(model, defaults.batch_size, steps, mixed_precision=mixed_precision)
+                cpu_train_throughput(model, batch_size, steps, mixed_precision=mixed_precision)
             ),
         }
     result["augmentation_images_per_s_one_worker"] = round(

@@ -2,6 +2,8 @@
 
 import inspect
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,11 @@ def test_a_benchmark_run_scores_its_final_weights_flipped_and_on_clean_training_
     assert (run["final_val_acc_flip"], run["final_test_acc_flip"], run["final_clean_train_acc"]) == (
         10.0, 20.0, 30.0
     )
+
+
+def test_a_benchmark_given_a_folder_without_cifar10_stops_and_names_the_fix(tmp_path: Path) -> None:
+    bench = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+    run = subprocess.run([sys.executable, str(bench), "--quick", "--data", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "No CIFAR-10 training batches" in run.stderr and "give --data" in run.stderr

@@ -107,6 +107,7 @@ def test_the_reference_broken_net_passes() -> None:
     [
         ({"c2": nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.MaxPool2d(2))}, "no max-pooling"),
         ({"c2": nn.Sequential(nn.Conv2d(16, 16, 1, stride=2))}, "downsampling only by 3x3 stride-2 convs"),
+        ({"c2": nn.Sequential(nn.Conv2d(16, 16, 3, stride=3, padding=1))}, "downsampling only by 3x3 stride-2 convs"),
         ({"c3": nn.Sequential(conv(channels=16)), "c4": SeparableConvBNReLU(16, 16)}, "a dilated conv"),
         ({"c4": nn.Sequential(conv(dilation=4, channels=16))}, "a depthwise-separable conv"),
         ({"head": nn.Sequential(nn.Flatten(), nn.LazyLinear(10))}, "global average pooling, then 1x1 conv/FC"),
