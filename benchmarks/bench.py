@@ -128,7 +128,7 @@ def accuracy_run(
         "seed": config.seed,
         "epochs": config.epochs,
         "recipe": _changed(default, config),
-        "config": dataclasses.asdict(config),  # in full: the defaults behind "recipe" change
+        "config": dataclasses.asdict(config),  # in full: "recipe" is relative to changing defaults
         "augment": augment,
         "train_images": len(data.train_labels),
         "val_images": len(data.val_labels),
