@@ -123,12 +123,12 @@ def drive_checkpoint_dir(mount_point: str = "/content/drive") -> Path:
 
 @dataclass
 class TrainConfig:
-    """The training recipe; its defaults tie the best recipe measured on validation, faster."""
+    """The training recipe; its defaults tie the best recipe measured on validation."""
 
     epochs: int = 60
     # Batch 256 at peak LR 0.4 matched batch 128 at 0.2 on validation over 60 epochs (87.94% vs
-    # 88.00%) with half the optimizer steps: 6% less time per epoch on a 2-core CPU, measured on
-    # idle cores over 10 epochs (benchmarks/README.md).
+    # 88.00%) with half the optimizer steps, which should pay on a GPU; on a 2-core CPU an epoch
+    # takes about as long (benchmarks/README.md).
     batch_size: int = 256
     # One-cycle: warm up linearly from max_lr/div_factor to max_lr over the first
     # warmup_fraction of steps, then anneal linearly to max_lr/(div_factor*final_div_factor).
