@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baseline import BaselineNet  # noqa: E402
-from benchmarks.variants import DeepNet, WideNet  # noqa: E402
+from benchmarks.variants import ShallowNet, WideNet  # noqa: E402
 from dataset import CIFAR10Dataset, Splits, eval_loader, load_splits, make_loaders  # noqa: E402
 from model import Net, count_parameters  # noqa: E402
 from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
@@ -42,7 +42,7 @@ from utils import (  # noqa: E402
     TrainConfig, autocast, evaluate, fit, get_device, half_dtype, memory_format, seed_everything
 )
 
-NETS = {"Net": Net, "BaselineNet": BaselineNet, "DeepNet": DeepNet, "WideNet": WideNet}
+NETS = {"Net": Net, "BaselineNet": BaselineNet, "ShallowNet": ShallowNet, "WideNet": WideNet}
 EPOCH_IMAGES = 50_000  # one epoch of full CIFAR-10
 
 

@@ -16,9 +16,9 @@ import utils
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import _overrides, accuracy_run, multiply_adds, seed_cell, table
 from benchmarks.score import score
-from benchmarks.variants import DeepNet, WideNet
+from benchmarks.variants import ShallowNet, WideNet
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
-from model import Net, check_brief, count_parameters
+from model import Net, check_brief, count_parameters, receptive_field
 from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
 from utils import TrainConfig, seed_everything
 
@@ -79,9 +79,12 @@ def test_seed_cell_lists_each_seed_then_the_mean() -> None:
     assert seed_cell([], "acc", ".2f") == "-"
 
 
-def test_the_deeper_candidate_meets_the_brief_too() -> None:
-    assert all(row.passed for row in check_brief(DeepNet()))
-    assert multiply_adds(DeepNet()) > multiply_adds(Net())
+def test_the_previous_net_meets_the_brief_with_fewer_layers_and_a_smaller_receptive_field() -> None:
+    shallow = ShallowNet()
+    assert all(row.passed for row in check_brief(shallow))
+    assert count_parameters(shallow) == 194_410 > count_parameters(Net())
+    assert receptive_field(shallow) == 51 < receptive_field(Net())
+    assert multiply_adds(shallow) < multiply_adds(Net())
 
 
 def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
@@ -90,7 +93,7 @@ def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
     assert count_parameters(wide) == 197_866
     assert wide.head[1].in_channels == 192
     assert Net().head[1].in_channels == 128
-    assert multiply_adds(Net()) < multiply_adds(wide) < 1.01 * multiply_adds(Net())
+    assert multiply_adds(ShallowNet()) < multiply_adds(wide) < 1.01 * multiply_adds(ShallowNet())
     assert count_parameters(WideNet(width=193)) < 200_000 < count_parameters(WideNet(width=194))
 
 
