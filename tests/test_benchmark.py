@@ -87,6 +87,14 @@ def test_the_previous_net_meets_the_brief_with_fewer_layers_and_a_smaller_recept
     assert multiply_adds(shallow) < multiply_adds(Net())
 
 
+def test_the_previous_net_draws_the_initial_weights_it_drew_as_net() -> None:
+    # Pinned from `Net` at commit 1d7fc4d: the sweep's `--nets ShallowNet` commands repeat
+    # their runs only if a seed still gives those exact weights.
+    torch.manual_seed(0)
+    total = sum(p.double().abs().sum().item() for p in ShallowNet().parameters())
+    assert total == pytest.approx(6715.061831973027, rel=1e-12)
+
+
 def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
     wide = WideNet()
     assert all(row.passed for row in check_brief(wide))
