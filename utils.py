@@ -147,6 +147,11 @@ class TrainConfig:
     # After its first epochs it leads the model until the rate anneals (85% on validation 18
     # epochs sooner, README).
     ema_decay: float = 0.998
+    # True: the decay starts low and rises, min(ema_decay, (1 + t) / (10 + t)) at update t, so
+    # the average forgets the untrained net within its first epochs instead of carrying it for
+    # thousands of steps (the num_updates rule of TensorFlow's ExponentialMovingAverage).
+    # Measured off by default; benchmarks/README.md has the runs.
+    ema_warmup: bool = False
     seed: int = 0
     # Autocast to a 16-bit float: float16 on CUDA; bfloat16 on CPUs with native bf16
     # instructions, float32 on other CPUs, where emulated bf16 would be slower. The README's
@@ -336,23 +341,31 @@ class WeightAverage:
     Args:
         model: the network being trained; the average starts as a copy of its weights.
         decay: the weight kept by the average at each `update` (0.998: ~500 updates' memory).
+        warmup: keep min(decay, (1 + t) / (10 + t)) at update t instead, so early updates
+            move the average most of the way to the model.
 
     Written by hand rather than with torch's AveragedModel, whose step counter lives on the
     CPU and costs a GPU sync on every update.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        self.warmup = warmup
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
         self._floats = [pair for pair in pairs if pair[0].is_floating_point()]
         self._counts = [pair for pair in pairs if not pair[0].is_floating_point()]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Move every float tensor 1 - decay of the way to the model's; copy integer counters."""
+    def update(self, step: int = 0) -> None:
+        """Move every float tensor 1 - decay of the way to the model's; copy integer counters.
+
+        Args:
+            step: how many updates came before this one (only the warm-up reads it).
+        """
+        decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         averages, current = zip(*self._floats)
-        torch._foreach_lerp_(list(averages), list(current), 1.0 - self.decay)
+        torch._foreach_lerp_(list(averages), list(current), 1.0 - decay)
         for average, count in self._counts:
             average.copy_(count)
 
@@ -501,7 +514,7 @@ _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "
 _FREE_FIELDS = ("log_every", "mixed_precision")
 # Config fields added after checkpoints were first written, with the value every older
 # checkpoint's run had: such a checkpoint resumes as long as the field still has that value.
-_ADDED_FIELDS = {"ema_decay": 0.0}
+_ADDED_FIELDS = {"ema_decay": 0.0, "ema_warmup": False}
 # torch.load reports an empty, cut-short or foreign file as any of these.
 _UNREADABLE = (
     EOFError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError,
@@ -691,7 +704,8 @@ def _train_epoch(
             scaler.step(optimizer)
             scaler.update()
             if state.ema is not None:
-                state.ema.update()
+                # The scheduler has stepped once per earlier batch of the run, resumed or not.
+                state.ema.update(step=scheduler.last_epoch)
             state.history.batch_lr.append(scheduler.get_last_lr()[0])
             scheduler.step()
             losses.append(loss.detach())
@@ -887,7 +901,10 @@ def fit(
             "steps_per_epoch": len(train_loader),
             "scored": "+".join(scored),
         },
-        ema=WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None,
+        ema=(
+            WeightAverage(model, config.ema_decay, config.ema_warmup)
+            if config.ema_decay > 0 else None
+        ),
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:

@@ -127,11 +127,11 @@ class InterruptAt(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+@pytest.mark.parametrize(("ema_decay", "ema_warmup"), [(0.0, False), (0.9, False), (0.99, True)])
 def test_resume_ends_with_the_same_history_as_an_uninterrupted_run(
-    tmp_path: Path, ema_decay: float
+    tmp_path: Path, ema_decay: float, ema_warmup: bool
 ) -> None:
-    config = dataclasses.replace(recipe(3), ema_decay=ema_decay)
+    config = dataclasses.replace(recipe(3), ema_decay=ema_decay, ema_warmup=ema_warmup)
     folder, full_folder = tmp_path / "resumed", tmp_path / "full"
     seed_everything(0)
     full = fit(InterruptAt(), *loaders(), device="cpu", config=config, progress=False,
@@ -556,6 +556,33 @@ def test_the_moving_average_weighs_each_step_by_the_decay() -> None:
     assert not any(p.requires_grad for p in average.module.parameters())
 
 
+def test_a_warmed_up_average_starts_near_the_model_and_settles_at_its_decay() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage(model, decay=0.998, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average.update(step=0)  # keeps (1 + 0) / (10 + 0) = 0.1 of the untrained weight
+    assert average.module.weight.item() == pytest.approx(0.9)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average.update(step=10_000)  # (1 + t) / (10 + t) > 0.998 by now: the decay itself rules
+    assert average.module.weight.item() == pytest.approx(0.9 * 0.998)
+
+
+def test_the_warm_up_changes_only_the_average(tmp_path: Path) -> None:
+    runs = {}
+    for warmup in (False, True):
+        seed_everything(0)
+        runs[warmup] = fit(Net(), *loaders(), device="cpu", progress=False,
+                           config=dataclasses.replace(recipe(2), ema_decay=0.998, ema_warmup=warmup))
+    assert runs[True].train_loss == runs[False].train_loss
+    assert runs[True].test_acc == runs[False].test_acc
+    # 20 steps at 0.998 leave the average ~96% untrained; warmed up it follows the model.
+    assert runs[True].ema_test_acc != runs[False].ema_test_acc
+
+
 def test_scoring_a_moving_average_leaves_training_and_checkpoints_unchanged(tmp_path: Path) -> None:
     plain = train(epochs=2, checkpoint_dir=tmp_path / "plain")
     seed_everything(0)
@@ -651,7 +678,8 @@ def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(
     tmp_path: Path, last_pt: bytes
 ) -> None:
     payload = torch.load(io.BytesIO(last_pt), weights_only=True)
-    del payload["config"]["ema_decay"], payload["ema"]  # as written before EMA existed
+    # As written before EMA existed.
+    del payload["config"]["ema_decay"], payload["config"]["ema_warmup"], payload["ema"]
     del payload["history"]["ema_test_acc"], payload["history"]["ema_val_acc"]
     torch.save(payload, tmp_path / "last.pt")
     assert tiny_fit(tmp_path, resume=True).epochs == 1
