@@ -150,7 +150,7 @@ class TrainConfig:
     # True: the decay starts low and rises, min(ema_decay, (1 + t) / (10 + t)) at update t, so
     # the average forgets the untrained net within its first epochs instead of carrying it for
     # thousands of steps (the num_updates rule of TensorFlow's ExponentialMovingAverage).
-    # Measured off by default; benchmarks/README.md has the runs.
+    # Off by default: the committed notebook run predates it. benchmarks/README.md has its runs.
     ema_warmup: bool = False
     seed: int = 0
     # Autocast to a 16-bit float: float16 on CUDA; bfloat16 on CPUs with native bf16
