@@ -168,6 +168,8 @@ class TrainConfig:
             ("max_lr", self.max_lr > 0, "> 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no moving average)"),
+            ("ema_warmup", not self.ema_warmup or self.ema_decay > 0,
+             "False while ema_decay=0 (there is no moving average to warm up)"),
             ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
         )
         problems = [

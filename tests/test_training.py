@@ -364,6 +364,12 @@ def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float)
         TrainConfig(**{field: value})
 
 
+def test_config_refuses_warming_up_an_average_it_does_not_keep() -> None:
+    with pytest.raises(ValueError, match=re.escape("ema_warmup=True must be False while ema_decay=0")):
+        TrainConfig(ema_decay=0.0, ema_warmup=True)
+    assert TrainConfig(ema_warmup=True).ema_warmup
+
+
 def test_resume_needs_a_checkpoint_dir() -> None:
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train(epochs=1, resume=True)
@@ -571,7 +577,7 @@ def test_a_warmed_up_average_starts_near_the_model_and_settles_at_its_decay() ->
     assert average.module.weight.item() == pytest.approx(0.9 * 0.998)
 
 
-def test_the_warm_up_changes_only_the_average(tmp_path: Path) -> None:
+def test_the_warm_up_changes_only_the_average() -> None:
     runs = {}
     for warmup in (False, True):
         seed_everything(0)
