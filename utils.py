@@ -168,7 +168,7 @@ class TrainConfig:
             ("max_lr", self.max_lr > 0, "> 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no moving average)"),
-            ("ema_warmup", not self.ema_warmup or self.ema_decay > 0,
+            ("ema_warmup", not self.ema_warmup or self.ema_decay != 0,
              "False while ema_decay=0 (there is no moving average to warm up)"),
             ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
         )
@@ -359,7 +359,7 @@ class WeightAverage:
         self._counts = [pair for pair in pairs if not pair[0].is_floating_point()]
 
     @torch.no_grad()
-    def update(self, step: int = 0) -> None:
+    def update(self, step: int) -> None:
         """Move every float tensor 1 - decay of the way to the model's; copy integer counters.
 
         Args:
@@ -904,7 +904,7 @@ def fit(
             "scored": "+".join(scored),
         },
         ema=(
-            WeightAverage(model, config.ema_decay, config.ema_warmup)
+            WeightAverage(model, config.ema_decay, warmup=config.ema_warmup)
             if config.ema_decay > 0 else None
         ),
     )

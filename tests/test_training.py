@@ -554,7 +554,7 @@ def test_the_moving_average_weighs_each_step_by_the_decay() -> None:
         model[0].weight.fill_(5.0)
         model[1].running_mean.fill_(5.0)
         model[1].num_batches_tracked.fill_(7)
-    average.update()
+    average.update(step=0)
     # Starts as a copy; each update moves 1 - decay of the way; integer counters are copied.
     assert torch.equal(average.module[0].weight, torch.full((2, 2), 0.75 * 1.0 + 0.25 * 5.0))
     assert torch.equal(average.module[1].running_mean, torch.full((2,), 2.0))
@@ -575,6 +575,21 @@ def test_a_warmed_up_average_starts_near_the_model_and_settles_at_its_decay() ->
         model.weight.fill_(0.0)
     average.update(step=10_000)  # (1 + t) / (10 + t) > 0.998 by now: the decay itself rules
     assert average.module.weight.item() == pytest.approx(0.9 * 0.998)
+
+
+def test_fit_counts_the_average_updates_across_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[int] = []
+    update = WeightAverage.update
+
+    def recording_update(self: WeightAverage, step: int) -> None:
+        steps.append(step)
+        update(self, step)
+
+    monkeypatch.setattr(WeightAverage, "update", recording_update)
+    seed_everything(0)
+    fit(Net(), *loaders(), device="cpu", progress=False,
+        config=dataclasses.replace(recipe(2), ema_decay=0.9, ema_warmup=True))
+    assert steps == list(range(20))  # 10 batches per epoch, counted on through epoch 2
 
 
 def test_the_warm_up_changes_only_the_average() -> None:
