@@ -364,10 +364,12 @@ def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float)
         TrainConfig(**{field: value})
 
 
-def test_config_refuses_warming_up_an_average_it_does_not_keep() -> None:
-    with pytest.raises(ValueError, match=re.escape("ema_warmup=True must be False while ema_decay=0")):
-        TrainConfig(ema_decay=0.0, ema_warmup=True)
-    assert TrainConfig(ema_warmup=True).ema_warmup
+def test_without_an_average_the_warm_up_does_nothing() -> None:
+    assert TrainConfig().ema_warmup
+    seed_everything(0)
+    history = fit(Net(), *loaders(), device="cpu", progress=False,
+                  config=dataclasses.replace(recipe(1), ema_decay=0.0, ema_warmup=True))
+    assert history.epochs == 1 and history.ema_test_acc == []
 
 
 def test_resume_needs_a_checkpoint_dir() -> None:
@@ -706,6 +708,16 @@ def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(
     assert tiny_fit(tmp_path, resume=True).epochs == 1
     with pytest.raises(CheckpointError, match=r"ema_decay \(0.0 in the checkpoint, 0.5 now\)"):
         tiny_fit(tmp_path, resume=True, ema_decay=0.5)
+
+
+def test_a_checkpoint_older_than_the_warm_up_resumes_only_without_it(tmp_path: Path) -> None:
+    tiny_fit(tmp_path, ema_decay=0.5, ema_warmup=False)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    del payload["config"]["ema_warmup"]  # as written before the warm-up existed
+    torch.save(payload, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"ema_warmup \(False in the checkpoint, True now\)"):
+        tiny_fit(tmp_path, resume=True, ema_decay=0.5)
+    assert tiny_fit(tmp_path, resume=True, ema_decay=0.5, ema_warmup=False).epochs == 1
 
 
 def test_resume_without_a_last_pt_says_it_starts_a_new_run(
