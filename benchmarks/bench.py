@@ -169,6 +169,12 @@ def scoring_loader(
     return eval_loader(CIFAR10Dataset(images, labels, test_transforms()), batch_size, workers)
 
 
+# Folder names record how a run departs from TrainConfig's defaults as they were before commit
+# 3702c08 turned the moving average's warm-up on; pinned, so that a changed default neither
+# renames an earlier run's folder nor hands a new run an earlier run's folder.
+_FOLDER_NAME_BASE = TrainConfig(ema_warmup=False)
+
+
 def _run_folder(
     checkpoint_dir: Path, net_name: str, config: TrainConfig, augment: dict, data: Splits
 ) -> Path:
@@ -178,7 +184,7 @@ def _run_folder(
     a folder per run definition keeps one sweep row from resuming another's weights.
     """
     spec = {
-        "config": _changed(TrainConfig(), config),  # a new field at its default keeps the name
+        "config": _changed(_FOLDER_NAME_BASE, config),  # a new field at its default keeps the name
         "augment": augment,
         "data": data.source,
         "images": [len(data.train_labels), len(data.val_labels), len(data.test_labels)],

@@ -1,6 +1,8 @@
 """The benchmark's cost measures are right, and Net is cheaper than the net we started from."""
 
+import hashlib
 import inspect
+import json
 import pickle
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import benchmarks.bench
 import benchmarks.score
 import utils
 from benchmarks.baseline import BaselineNet
-from benchmarks.bench import _overrides, accuracy_run, multiply_adds, seed_cell, table
+from benchmarks.bench import _overrides, _run_folder, accuracy_run, multiply_adds, seed_cell, table
 from benchmarks.score import score
 from benchmarks.variants import ShallowNet, WideNet
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
@@ -191,6 +193,20 @@ def test_an_interrupted_benchmark_run_continues_where_it_stopped(
     epochs_run.clear()  # another sweep row in the same folder starts its own run
     other = accuracy_run("Net", data, config, {"rotate": 5.0}, 0, cpu, checkpoint_dir=tmp_path)
     assert epochs_run == [1, 2] and not other["resumed"]
+
+
+def test_a_changed_default_keeps_each_run_in_its_own_checkpoint_folder(tmp_path: Path) -> None:
+    data = load_splits(None, limit=(64, 32), synthetic_fallback=True)
+
+    def folder(config: TrainConfig) -> Path:
+        return _run_folder(tmp_path, "Net", config, {}, data)
+
+    # A default run named before the warm-up became the default (no field changed) keeps its name,
+    spec = {"augment": {}, "config": {}, "data": data.source, "images": [64, 0, 32]}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    assert folder(TrainConfig(ema_warmup=False)) == tmp_path / f"Net-seed0-{digest}"
+    # and a run with today's default gets a folder of its own.
+    assert folder(TrainConfig()) != folder(TrainConfig(ema_warmup=False))
 
 
 def test_a_benchmark_run_scores_its_final_weights_flipped_and_on_clean_training_images(

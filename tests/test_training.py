@@ -706,8 +706,14 @@ def test_a_checkpoint_older_than_a_config_field_resumes_with_its_default(
     del payload["history"]["ema_test_acc"], payload["history"]["ema_val_acc"]
     torch.save(payload, tmp_path / "last.pt")
     assert tiny_fit(tmp_path, resume=True).epochs == 1
-    with pytest.raises(CheckpointError, match=r"ema_decay \(0.0 in the checkpoint, 0.5 now\)"):
+    with pytest.raises(CheckpointError, match=r"different run: ema_decay \(0.0 in the checkpoint, 0.5 now\)\. "):
         tiny_fit(tmp_path, resume=True, ema_decay=0.5)
+
+
+def test_without_an_average_a_resume_ignores_the_warm_up(tmp_path: Path, last_pt: bytes) -> None:
+    (tmp_path / "last.pt").write_bytes(last_pt)
+    for warmup in (False, True):
+        assert tiny_fit(tmp_path, resume=True, ema_decay=0.0, ema_warmup=warmup).epochs == 1
 
 
 def test_a_checkpoint_older_than_the_warm_up_resumes_only_without_it(tmp_path: Path) -> None:
