@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baseline import BaselineNet  # noqa: E402
-from benchmarks.variants import ShallowNet, WideNet  # noqa: E402
+from benchmarks.variants import ShallowNet, UnnormalisedWhitenedNet, WhitenedNet, WideNet  # noqa: E402
 from dataset import CIFAR10Dataset, Splits, eval_loader, load_splits, make_loaders  # noqa: E402
 from model import Net, count_parameters  # noqa: E402
 from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
@@ -42,7 +42,10 @@ from utils import (  # noqa: E402
     TrainConfig, autocast, evaluate, fit, get_device, half_dtype, memory_format, seed_everything
 )
 
-NETS = {"Net": Net, "BaselineNet": BaselineNet, "ShallowNet": ShallowNet, "WideNet": WideNet}
+NETS = {
+    "Net": Net, "BaselineNet": BaselineNet, "ShallowNet": ShallowNet, "WideNet": WideNet,
+    "WhitenedNet": WhitenedNet, "UnnormalisedWhitenedNet": UnnormalisedWhitenedNet,
+}
 EPOCH_IMAGES = 50_000  # one epoch of full CIFAR-10
 
 
@@ -106,6 +109,8 @@ def accuracy_run(
     """
     seed_everything(config.seed)
     model = NETS[net_name]()
+    if hasattr(model, "init_from_data"):  # a net whose initial weights are computed from data
+        model.init_from_data(data.train_images)
     train_loader, test_loader = make_loaders(
         CIFAR10Dataset(data.train_images, data.train_labels, train_transforms(**augment)),
         CIFAR10Dataset(data.test_images, data.test_labels, test_transforms()),

@@ -1,8 +1,11 @@
 """Architectures measured against `Net` while choosing it; `bench.py --nets` trains any of them."""
 
+import numpy as np
+import torch
 from torch import nn
 
-from model import ConvBNReLU, Net, Residual, SeparableConvBNReLU
+from model import WIDTHS, ConvBNReLU, Net, Residual, SeparableConvBNReLU
+from transforms import CIFAR10_MEAN, CIFAR10_STD
 
 
 class ShallowNet(Net):
@@ -55,3 +58,64 @@ class WideNet(ShallowNet):
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, num_classes, 1), nn.Flatten()
         )
+
+
+def patch_components(images: np.ndarray, samples: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variances (descending) and principal directions (rows) of normalised 3x3 patches.
+
+    Computed over the first `samples` of `images` (N x 32 x 32 x 3 uint8), normalised as the
+    loaders normalise them; each direction is a 27-vector laid out as a 3x3x3 conv filter.
+    """
+    x = torch.from_numpy(images[:samples]).float().div(255).permute(0, 3, 1, 2)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    patches = nn.functional.unfold((x - mean) / std, kernel_size=3)  # (N, 27, positions)
+    patches = patches.transpose(1, 2).reshape(-1, 27).double()
+    variances, vectors = torch.linalg.eigh(torch.cov(patches.T))  # ascending
+    return variances.flip(0).float(), vectors.flip(1).T.float()
+
+
+class WhitenedNet(Net):
+    """`Net` whose first conv is a frozen filter bank: the principal components of 3x3 patches.
+
+    After airbench's patch-whitening layer: the first conv starts from, and keeps, the
+    directions in which 3x3 image patches vary most, so the layers above it learn from
+    decorrelated inputs from the first step instead of waiting for C1 to find such filters.
+    Each of the 16 leading components appears with both signs (32 filters), so the ReLU after
+    it passes both halves of every direction; BatchNorm after the conv makes the scale of each
+    component irrelevant, which is the whitening. The same layers as `Net`, 864 of them frozen.
+    `init_from_data` must run before training; `bench.py` calls it with the training images.
+    """
+
+    def init_from_data(self, images: np.ndarray, samples: int = 5000) -> None:
+        """Set and freeze the first conv from the principal components of `images`' patches."""
+        conv = self.c1[0][0]
+        _, directions = patch_components(images, samples)
+        leading = directions[: conv.out_channels // 2]
+        with torch.no_grad():
+            conv.weight.copy_(torch.cat([leading, -leading]).view_as(conv.weight))
+        conv.weight.requires_grad_(False)
+
+
+class UnnormalisedWhitenedNet(WhitenedNet):
+    """`WhitenedNet` without the BatchNorm after the whitening conv, as airbench builds it.
+
+    The frozen filters are scaled by 1 / sqrt(variance + 5e-4), so each one's response has
+    about unit variance without BatchNorm; a trainable bias takes BatchNorm's shift. 184,202
+    parameters, 864 of them frozen.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.c1[0] = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, padding=1), nn.ReLU(inplace=True))
+
+    def init_from_data(self, images: np.ndarray, samples: int = 5000) -> None:
+        """Set and freeze the first conv's weights to whitening filters; zero its bias."""
+        conv = self.c1[0][0]
+        variances, directions = patch_components(images, samples)
+        count = conv.out_channels // 2
+        leading = directions[:count] / (variances[:count, None] + 5e-4).sqrt()
+        with torch.no_grad():
+            conv.weight.copy_(torch.cat([leading, -leading]).view_as(conv.weight))
+            conv.bias.zero_()
+        conv.weight.requires_grad_(False)

@@ -18,9 +18,10 @@ import utils
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import _overrides, _run_folder, accuracy_run, multiply_adds, seed_cell, table
 from benchmarks.score import score
-from benchmarks.variants import ShallowNet, WideNet
+from benchmarks.variants import ShallowNet, UnnormalisedWhitenedNet, WhitenedNet, WideNet
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters, receptive_field
+from transforms import CIFAR10_MEAN, CIFAR10_STD
 from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
 from utils import TrainConfig, seed_everything
 
@@ -105,6 +106,46 @@ def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
     assert Net().head[1].in_channels == 128
     assert multiply_adds(ShallowNet()) < multiply_adds(wide) < 1.01 * multiply_adds(ShallowNet())
     assert count_parameters(WideNet(width=193)) < 200_000 < count_parameters(WideNet(width=194))
+
+
+def test_the_whitened_candidate_freezes_orthonormal_filters_that_decorrelate_patches() -> None:
+    images = synthetic_cifar10(200, seed=0)[0]
+    net = WhitenedNet()
+    net.init_from_data(images)
+    conv = net.c1[0][0]
+    filters = conv.weight.flatten(1)
+    leading, mirrored = filters[:16], filters[16:]
+    assert torch.equal(mirrored, -leading)
+    assert torch.allclose(leading @ leading.T, torch.eye(16), atol=1e-5)
+    assert not conv.weight.requires_grad
+    assert count_parameters(net) == count_parameters(Net()) - conv.weight.numel()
+    assert all(row.passed for row in check_brief(net))
+    # The projections of normalised patches onto the filters are uncorrelated, largest first.
+    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    patches = nn.functional.unfold((x - mean) / std, 3).transpose(1, 2).reshape(-1, 27)
+    covariance = torch.cov((patches @ leading.T).T)
+    variances = covariance.diagonal()
+    assert torch.all(variances[:-1] >= variances[1:] * 0.99)
+    off_diagonal = covariance - torch.diag(variances)
+    assert off_diagonal.abs().max() < 0.05 * variances.max()
+
+
+def test_the_unnormalised_whitened_candidate_scales_its_filters_to_unit_response() -> None:
+    images = synthetic_cifar10(200, seed=0)[0]
+    net = UnnormalisedWhitenedNet()
+    net.init_from_data(images)
+    first = net.c1[0]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in first.modules())
+    assert not first[0].weight.requires_grad and first[0].bias.requires_grad
+    assert all(row.passed for row in check_brief(net))
+    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        responses = nn.functional.conv2d((x - mean) / std, first[0].weight)  # no padding
+    assert torch.allclose(responses.std(dim=(0, 2, 3)), torch.ones(32), atol=0.05)
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
