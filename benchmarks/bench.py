@@ -49,6 +49,14 @@ NETS = {
 EPOCH_IMAGES = 50_000  # one epoch of full CIFAR-10
 
 
+def build_net(name: str, train_images: np.ndarray) -> nn.Module:
+    """A fresh `NETS[name]`; a net whose first weights come from data gets `train_images`."""
+    model = NETS[name]()
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(train_images)
+    return model
+
+
 def multiply_adds(model: nn.Module) -> int:
     """Multiply-adds of one forward pass on one 3x32x32 image."""
     model.eval()
@@ -108,9 +116,7 @@ def accuracy_run(
     from there when run again, so a long run survives an interruption.
     """
     seed_everything(config.seed)
-    model = NETS[net_name]()
-    if hasattr(model, "init_from_data"):  # a net whose initial weights are computed from data
-        model.init_from_data(data.train_images)
+    model = build_net(net_name, data.train_images)
     train_loader, test_loader = make_loaders(
         CIFAR10Dataset(data.train_images, data.train_labels, train_transforms(**augment)),
         CIFAR10Dataset(data.test_images, data.test_labels, test_transforms()),
@@ -327,7 +333,7 @@ def main() -> None:
         "nets": {},
     }
     for name in nets:
-        model = NETS[name]()
+        model = build_net(name, data.train_images)
         result["nets"][name] = {
             "parameters": count_parameters(model),
             "multiply_adds": multiply_adds(model),

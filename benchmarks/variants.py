@@ -60,17 +60,28 @@ class WideNet(ShallowNet):
         )
 
 
-def patch_components(images: np.ndarray, samples: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Variances (descending) and principal directions (rows) of normalised 3x3 patches.
+# 5,000 images give 4.5 million 3x3 patches: plenty for a 27x27 covariance.
+WHITENING_IMAGES = 5000
+# airbench's floor under each variance, so a near-constant direction is not scaled up without bound.
+WHITENING_EPS = 5e-4
 
-    Computed over the first `samples` of `images` (N x 32 x 32 x 3 uint8), normalised as the
-    loaders normalise them; each direction is a 27-vector laid out as a 3x3x3 conv filter.
-    """
-    x = torch.from_numpy(images[:samples]).float().div(255).permute(0, 3, 1, 2)
+
+def normalised(images: np.ndarray) -> torch.Tensor:
+    """N x 32 x 32 x 3 uint8 images as the loaders feed them to a net: NCHW, normalised floats."""
+    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    patches = nn.functional.unfold((x - mean) / std, kernel_size=3)  # (N, 27, positions)
-    patches = patches.transpose(1, 2).reshape(-1, 27).double()
+    return (x - mean) / std
+
+
+def patch_components(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variances (descending) and principal directions (rows) of normalised 3x3 patches.
+
+    Computed over the first `WHITENING_IMAGES` of `images` (N x 32 x 32 x 3 uint8); each
+    direction is a 27-vector laid out as a 3x3x3 conv filter (unfold's order is the conv's).
+    """
+    patches = nn.functional.unfold(normalised(images[:WHITENING_IMAGES]), kernel_size=3)
+    patches = patches.transpose(1, 2).reshape(-1, 27).double()  # (patches, 27)
     variances, vectors = torch.linalg.eigh(torch.cov(patches.T))  # ascending
     return variances.flip(0).float(), vectors.flip(1).T.float()
 
@@ -81,16 +92,17 @@ class WhitenedNet(Net):
     After airbench's patch-whitening layer: the first conv starts from, and keeps, the
     directions in which 3x3 image patches vary most, so the layers above it learn from
     decorrelated inputs from the first step instead of waiting for C1 to find such filters.
-    Each of the 16 leading components appears with both signs (32 filters), so the ReLU after
-    it passes both halves of every direction; BatchNorm after the conv makes the scale of each
-    component irrelevant, which is the whitening. The same layers as `Net`, 864 of them frozen.
-    `init_from_data` must run before training; `bench.py` calls it with the training images.
+    Each of the 16 leading components (of 27) appears with both signs (32 filters), so the ReLU
+    after it passes both halves of every direction; BatchNorm after the conv makes the scale of
+    each component irrelevant, which is the whitening. The same layers as `Net`, 864 of their
+    184,234 parameters frozen. Build it with `bench.build_net`, which calls `init_from_data`
+    with the training images: without that call it is a plain `Net`.
     """
 
-    def init_from_data(self, images: np.ndarray, samples: int = 5000) -> None:
+    def init_from_data(self, images: np.ndarray) -> None:
         """Set and freeze the first conv from the principal components of `images`' patches."""
         conv = self.c1[0][0]
-        _, directions = patch_components(images, samples)
+        _, directions = patch_components(images)
         leading = directions[: conv.out_channels // 2]
         with torch.no_grad():
             conv.weight.copy_(torch.cat([leading, -leading]).view_as(conv.weight))
@@ -98,23 +110,24 @@ class WhitenedNet(Net):
 
 
 class UnnormalisedWhitenedNet(WhitenedNet):
-    """`WhitenedNet` without the BatchNorm after the whitening conv, as airbench builds it.
+    """`WhitenedNet` without the BatchNorm after the whitening conv, closer to airbench's layer.
 
-    The frozen filters are scaled by 1 / sqrt(variance + 5e-4), so each one's response has
-    about unit variance without BatchNorm; a trainable bias takes BatchNorm's shift. 184,202
-    parameters, 864 of them frozen.
+    The frozen filters are scaled by 1 / sqrt(variance + WHITENING_EPS), so each one's response
+    has about unit variance without BatchNorm; a trainable bias takes BatchNorm's shift. Still
+    unlike airbench's: 3x3 patches, 16 of 27 components, centred covariance, ReLU, a bias never
+    frozen. 184,202 parameters in all, 864 of them frozen.
     """
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__(num_classes)
         self.c1[0] = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, padding=1), nn.ReLU(inplace=True))
 
-    def init_from_data(self, images: np.ndarray, samples: int = 5000) -> None:
+    def init_from_data(self, images: np.ndarray) -> None:
         """Set and freeze the first conv's weights to whitening filters; zero its bias."""
         conv = self.c1[0][0]
-        variances, directions = patch_components(images, samples)
+        variances, directions = patch_components(images)
         count = conv.out_channels // 2
-        leading = directions[:count] / (variances[:count, None] + 5e-4).sqrt()
+        leading = directions[:count] / (variances[:count, None] + WHITENING_EPS).sqrt()
         with torch.no_grad():
             conv.weight.copy_(torch.cat([leading, -leading]).view_as(conv.weight))
             conv.bias.zero_()

@@ -16,12 +16,13 @@ import benchmarks.bench
 import benchmarks.score
 import utils
 from benchmarks.baseline import BaselineNet
-from benchmarks.bench import _overrides, _run_folder, accuracy_run, multiply_adds, seed_cell, table
+from benchmarks.bench import (
+    _overrides, _run_folder, accuracy_run, build_net, multiply_adds, seed_cell, table
+)
 from benchmarks.score import score
-from benchmarks.variants import ShallowNet, UnnormalisedWhitenedNet, WhitenedNet, WideNet
+from benchmarks.variants import ShallowNet, WideNet, normalised, patch_components
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters, receptive_field
-from transforms import CIFAR10_MEAN, CIFAR10_STD
 from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
 from utils import TrainConfig, seed_everything
 
@@ -108,44 +109,58 @@ def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
     assert count_parameters(WideNet(width=193)) < 200_000 < count_parameters(WideNet(width=194))
 
 
-def test_the_whitened_candidate_freezes_orthonormal_filters_that_decorrelate_patches() -> None:
+def test_whitening_sees_images_as_the_loaders_feed_them() -> None:
+    images = synthetic_cifar10(4, seed=0)[0]
+    fed = torch.stack([eval_transforms()(image=image)["image"] for image in images])
+    assert torch.allclose(normalised(images), fed, atol=1e-6)
+
+
+def test_the_whitened_candidate_freezes_filters_that_decorrelate_patches() -> None:
     images = synthetic_cifar10(200, seed=0)[0]
-    net = WhitenedNet()
-    net.init_from_data(images)
+    net = build_net("WhitenedNet", images)
     conv = net.c1[0][0]
-    filters = conv.weight.flatten(1)
-    leading, mirrored = filters[:16], filters[16:]
-    assert torch.equal(mirrored, -leading)
-    assert torch.allclose(leading @ leading.T, torch.eye(16), atol=1e-5)
+    leading = conv.weight[:16]
+    assert torch.equal(conv.weight[16:], -leading)
+    assert torch.allclose(leading.flatten(1) @ leading.flatten(1).T, torch.eye(16), atol=1e-5)
     assert not conv.weight.requires_grad
     assert count_parameters(net) == count_parameters(Net()) - conv.weight.numel()
     assert all(row.passed for row in check_brief(net))
-    # The projections of normalised patches onto the filters are uncorrelated, largest first.
-    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    patches = nn.functional.unfold((x - mean) / std, 3).transpose(1, 2).reshape(-1, 27)
-    covariance = torch.cov((patches @ leading.T).T)
-    variances = covariance.diagonal()
-    assert torch.all(variances[:-1] >= variances[1:] * 0.99)
-    off_diagonal = covariance - torch.diag(variances)
-    assert off_diagonal.abs().max() < 0.05 * variances.max()
+    # The filters' responses to every 3x3 patch (a conv without padding) are uncorrelated, and
+    # their variances are the principal variances, largest first.
+    with torch.no_grad():
+        responses = nn.functional.conv2d(normalised(images), leading)
+    covariance = torch.cov(responses.transpose(0, 1).reshape(16, -1))
+    variances = patch_components(images)[0][:16]
+    assert torch.allclose(covariance.diagonal(), variances, rtol=1e-3)
+    assert torch.all(variances[:-1] >= variances[1:])
+    off_diagonal = covariance - torch.diag(covariance.diagonal())
+    assert off_diagonal.abs().max() < 1e-3 * variances[0]
 
 
 def test_the_unnormalised_whitened_candidate_scales_its_filters_to_unit_response() -> None:
     images = synthetic_cifar10(200, seed=0)[0]
-    net = UnnormalisedWhitenedNet()
-    net.init_from_data(images)
+    net = build_net("UnnormalisedWhitenedNet", images)
     first = net.c1[0]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in first.modules())
     assert not first[0].weight.requires_grad and first[0].bias.requires_grad
     assert all(row.passed for row in check_brief(net))
-    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        responses = nn.functional.conv2d((x - mean) / std, first[0].weight)  # no padding
+        responses = nn.functional.conv2d(normalised(images), first[0].weight)  # no padding
     assert torch.allclose(responses.std(dim=(0, 2, 3)), torch.ones(32), atol=0.05)
+
+
+def test_a_benchmark_run_whitens_with_its_training_images_only(monkeypatch) -> None:
+    data = load_splits(None, limit=(64, 32), synthetic_fallback=True, validation=16)
+    given = []
+
+    def record(name: str, images) -> nn.Module:
+        given.append(images)
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(benchmarks.bench, "build_net", record)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy_run("WhitenedNet", data, TrainConfig(epochs=1), {}, 0, torch.device("cpu"))
+    assert given[0] is data.train_images and len(data.val_labels) == 16
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
