@@ -87,6 +87,14 @@ def seed_transform(transform: object, seed: int) -> None:
         transform.set_random_seed(seed)
 
 
+def normalize_images(images: np.ndarray) -> torch.Tensor:
+    """N x 32 x 32 x 3 uint8 images as `test_transforms` feeds them to a net, as one NCHW tensor."""
+    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """Undo the normalisation of a 3xHxW tensor: an HxWx3 float image in [0, 1] for imshow."""
     if image.ndim != 3 or image.shape[0] != 3:

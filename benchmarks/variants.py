@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from model import WIDTHS, ConvBNReLU, Net, Residual, SeparableConvBNReLU
-from transforms import CIFAR10_MEAN, CIFAR10_STD
+from transforms import normalize_images
 
 
 class ShallowNet(Net):
@@ -66,21 +66,13 @@ WHITENING_IMAGES = 5000
 WHITENING_EPS = 5e-4
 
 
-def normalised(images: np.ndarray) -> torch.Tensor:
-    """N x 32 x 32 x 3 uint8 images as the loaders feed them to a net: NCHW, normalised floats."""
-    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def patch_components(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Variances (descending) and principal directions (rows) of normalised 3x3 patches.
 
     Computed over the first `WHITENING_IMAGES` of `images` (N x 32 x 32 x 3 uint8); each
     direction is a 27-vector laid out as a 3x3x3 conv filter (unfold's order is the conv's).
     """
-    patches = nn.functional.unfold(normalised(images[:WHITENING_IMAGES]), kernel_size=3)
+    patches = nn.functional.unfold(normalize_images(images[:WHITENING_IMAGES]), kernel_size=3)
     patches = patches.transpose(1, 2).reshape(-1, 27).double()  # (patches, 27)
     variances, vectors = torch.linalg.eigh(torch.cov(patches.T))  # ascending
     return variances.flip(0).float(), vectors.flip(1).T.float()
@@ -102,11 +94,16 @@ class WhitenedNet(Net):
     def init_from_data(self, images: np.ndarray) -> None:
         """Set and freeze the first conv from the principal components of `images`' patches."""
         conv = self.c1[0][0]
-        _, directions = patch_components(images)
-        leading = directions[: conv.out_channels // 2]
+        variances, directions = patch_components(images)
+        count = conv.out_channels // 2
+        leading = directions[:count] / self.filter_divisors(variances[:count])[:, None]
         with torch.no_grad():
             conv.weight.copy_(torch.cat([leading, -leading]).view_as(conv.weight))
         conv.weight.requires_grad_(False)
+
+    def filter_divisors(self, variances: torch.Tensor) -> torch.Tensor:
+        """Ones: the BatchNorm after the conv already scales each component to unit variance."""
+        return torch.ones_like(variances)
 
 
 class UnnormalisedWhitenedNet(WhitenedNet):
@@ -121,14 +118,8 @@ class UnnormalisedWhitenedNet(WhitenedNet):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__(num_classes)
         self.c1[0] = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, padding=1), nn.ReLU(inplace=True))
+        nn.init.zeros_(self.c1[0][0].bias)  # the ReLU then splits each +/- filter pair at zero
 
-    def init_from_data(self, images: np.ndarray) -> None:
-        """Set and freeze the first conv's weights to whitening filters; zero its bias."""
-        conv = self.c1[0][0]
-        variances, directions = patch_components(images)
-        count = conv.out_channels // 2
-        leading = directions[:count] / (variances[:count, None] + WHITENING_EPS).sqrt()
-        with torch.no_grad():
-            conv.weight.copy_(torch.cat([leading, -leading]).view_as(conv.weight))
-            conv.bias.zero_()
-        conv.weight.requires_grad_(False)
+    def filter_divisors(self, variances: torch.Tensor) -> torch.Tensor:
+        """Each component's standard deviation, floored: with no BatchNorm, this whitens."""
+        return (variances + WHITENING_EPS).sqrt()

@@ -10,6 +10,7 @@ from transforms import (
     HOLE_SIZE,
     MEAN_PIXEL,
     denormalize,
+    normalize_images,
     seed_transform,
 )
 from transforms import (
@@ -93,3 +94,9 @@ def test_test_transform_is_deterministic_and_inverted_by_denormalize() -> None:
 def test_denormalize_rejects_a_batch() -> None:
     with pytest.raises(ValueError, match="3xHxW"):
         denormalize(torch.zeros(2, 3, 32, 32))
+
+
+def test_normalize_images_matches_the_test_transform_image_by_image() -> None:
+    images = np.stack([random_image(seed) for seed in range(4)])
+    fed = torch.stack([eval_transforms()(image=image)["image"] for image in images])
+    assert torch.allclose(normalize_images(images), fed, atol=1e-6)
