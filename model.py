@@ -22,7 +22,7 @@ MIN_RECEPTIVE_FIELD = 45  # the brief says "> 44"
 
 # Channel widths of C1..C4. Params grow with width^2 but multiply-adds with width^2 * area:
 # a channel at 32x32 costs 16x the multiply-adds of one at 8x8, so the 8x8 stages take the width.
-WIDTHS = (32, 64, 128, 128)
+WIDTHS = (32, 64, 128, 128)  # C4's residual adds its input to its output: C4 keeps C3's width
 
 
 class ConvBNReLU(nn.Sequential):
@@ -192,7 +192,9 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> list[LayerR
     """Per-layer receptive field, walking the layers' kernel, stride and dilation in order.
 
     r_out = r_in + (k - 1) * dilation * j_in;  j_out = j_in * stride.
-    An identity shortcut leaves both unchanged, so the deepest path sets the RF.
+    An identity shortcut leaves both unchanged, so the deepest path sets the RF. Every hooked
+    conv is walked as if in series, so a projection shortcut (a strided or k > 1 conv on the
+    skip path) would be counted as part of the main path: `Net` has none.
     """
     rows: list[LayerRF] = []
     rf, jump = 1, 1

@@ -345,8 +345,9 @@ class WeightAverage:
         warmup: keep min(decay, (1 + t) / (10 + t)) at update t instead, so early updates
             move the average most of the way to the model.
 
-    Written by hand rather than with torch's AveragedModel, whose step counter lives on the
-    CPU and costs a GPU sync on every update.
+    Written by hand rather than with torch's AveragedModel, whose update reads its tensor step
+    counter back as a Python bool (`bool(n_averaged == 0)`): a GPU sync on every update when
+    the average lives on the GPU.
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
@@ -812,13 +813,14 @@ def _score_average(
 
 
 def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
-    """Write best.pt (when this epoch scores best so far), then last.pt and history.json.
+    """Write best.pt (when this epoch is the best on validation so far), last.pt, history.json.
 
-    best.pt first: a kill between the two writes then resumes from the epoch before, which
-    is recomputed, instead of losing a best epoch that last.pt already counted.
+    Only a validation score picks best.pt: picking an epoch by its test score would flatter
+    the test set. best.pt goes first: a kill between the two writes then resumes from the epoch
+    before, which is recomputed, instead of losing a best epoch that last.pt already counted.
     """
-    watched = state.history.val_acc or state.history.test_acc
-    if not watched or watched[-1] >= max(watched):
+    val_acc = state.history.val_acc
+    if val_acc and val_acc[-1] >= max(val_acc):
         _save_checkpoint(folder / "best.pt", state, config)
     _save_checkpoint(folder / "last.pt", state, config)
     state.history.save(folder / "history.json")
@@ -855,14 +857,15 @@ def fit(
         test_loader: scored after every epoch (None: never, as while tuning a recipe).
         config: the recipe, `config.epochs` included; defaults to `TrainConfig()`.
         device: defaults to `get_device()`.
-        checkpoint_dir: if given, `last.pt`, `best.pt` and `history.json` are written there
-            atomically after every epoch, never with a NaN or infinity in them.
+        checkpoint_dir: if given, `last.pt` and `history.json` are written there atomically
+            after every epoch, never with a NaN or infinity in them (and `best.pt`, see
+            `val_loader`).
         resume: continue from `checkpoint_dir/last.pt` when it exists (after checking it is
             the same recipe, data and network). Otherwise an earlier run's files there are
             moved into a new `previous-<time>` subfolder, never overwritten.
         progress: show tqdm bars and the one-line epoch summaries.
-        val_loader: a validation split, scored after every epoch; `best.pt` then follows
-            validation accuracy instead of test accuracy.
+        val_loader: a validation split, scored after every epoch. Only with it is `best.pt`
+            written: the weights of the epoch with the best validation accuracy.
 
     Returns:
         The run's History (the resumed one, extended, when resuming).

@@ -1,6 +1,6 @@
 """Score a checkpoint written by `fit`: test accuracy, with test-time flip, and on its training set.
 
-    python benchmarks/score.py checkpoints/best.pt --data data/cifar10-full
+    python benchmarks/score.py checkpoints/last.pt --data data/cifar10-full
 
 Scores the weights as saved, without training: plain test accuracy (what the notebook
 reports), test accuracy with test-time flip (the mean logits of each image and its mirror:

@@ -49,6 +49,24 @@ def test_committed_outputs_show_no_warnings_or_errors() -> None:
         assert "Traceback" not in stderr and "Exception ignored" not in stderr, cell["source"]
 
 
+WIDGET = "application/vnd.jupyter.widget-view+json"
+STRIP_WIDGETS = (
+    "python -c \"import nbformat as n; nb = n.read('S9.ipynb', 4); nb.metadata.pop('widgets', None); "
+    "[setattr(c, 'outputs', [o for o in c.outputs if '" + WIDGET + "' not in o.get('data', {})]) "
+    "for c in nb.cells if c.cell_type == 'code']; n.write(nb, 'S9.ipynb')\""
+)
+
+
+def test_committed_outputs_hold_no_progress_bar_widgets() -> None:
+    # A stored widget renders only its text fallback, "epoch 1:   0%|", between the epoch lines.
+    notebook = json.loads(NOTEBOOK.read_text())
+    widgets = [o for cell in CELLS for o in cell.get("outputs", []) if WIDGET in o.get("data", {})]
+    assert not widgets and "widgets" not in notebook["metadata"], (
+        f"S9.ipynb stores {len(widgets)} progress-bar widgets: after a headless rerun, drop them "
+        f"with {STRIP_WIDGETS}"
+    )
+
+
 def test_the_brief_and_receptive_field_tables_are_checked_by_nbval() -> None:
     checked = [s for s in CODE if "NBVAL_CHECK_OUTPUT" in s]
     assert any("check_brief" in s for s in checked)

@@ -312,13 +312,13 @@ def test_a_new_run_moves_the_earlier_run_aside_instead_of_overwriting_it(
     runs = []
     for seed in (0, 1, 2):
         tiny_fit(tmp_path, seed=seed)
-        runs.append({name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "history.json")})
+        runs.append({name: (tmp_path / name).read_bytes() for name in ("last.pt", "history.json")})
     first, second = tmp_path / "previous-20261127-153000", tmp_path / "previous-20261127-153000-2"
     assert {name: (first / name).read_bytes() for name in runs[0]} == runs[0]
     assert {name: (second / name).read_bytes() for name in runs[1]} == runs[1]
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["config"]["seed"] == 2
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["config"]["seed"] == 2
     assert capsys.readouterr().out.splitlines() == [
-        f"Starting a new run: moved the earlier run's last.pt, best.pt, history.json to {folder}"
+        f"Starting a new run: moved the earlier run's last.pt, history.json to {folder}"
         for folder in (first, second)
     ]
 
@@ -434,7 +434,7 @@ def test_a_non_finite_batchnorm_buffer_stops_the_run_before_any_checkpoint_holds
     with pytest.raises(NonFiniteLossError, match=r"training diverged in epoch 2: net\.c1\.0\.1\.running_var "
                        r"holds NaN or infinite values\. .* still hold the last good epoch \(1\)"):
         tiny_fit(tmp_path, model=PoisonsBatchNormAt(n=2 + 1), test=False, epochs=3)
-    assert finite_checkpoints(tmp_path) == {"last.pt": 1, "best.pt": 1}
+    assert finite_checkpoints(tmp_path) == {"last.pt": 1}
     assert History.load(tmp_path / "history.json").epochs == 1
 
 
@@ -462,11 +462,11 @@ def test_the_checkpoint_writer_refuses_a_non_finite_tensor(tmp_path: Path) -> No
 
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     history = train(epochs=2, checkpoint_dir=tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} >= {"last.pt", "best.pt", "history.json"}
-    model = load_weights(Net(), tmp_path / "best.pt")
+    assert {p.name for p in tmp_path.iterdir()} == {"last.pt", "history.json"}
+    model = load_weights(Net(), tmp_path / "last.pt")
     _, test_loader = loaders()
     matrix = confusion_matrix(model, test_loader, "cpu")
-    assert 100.0 * matrix.trace() / matrix.sum() == pytest.approx(max(history.test_acc))
+    assert 100.0 * matrix.trace() / matrix.sum() == pytest.approx(history.test_acc[-1])
 
 
 def test_history_round_trips_through_json(tmp_path: Path) -> None:
