@@ -11,8 +11,10 @@ import math
 import os
 import pickle
 import random
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,6 +511,10 @@ class _TrainState:
     ema: WeightAverage | None = None
 
 
+# torch's warning when a scheduler's first step finds no optimizer step before it.
+_SCHEDULER_BEFORE_OPTIMIZER = re.escape(
+    "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+)
 # Every entry a checkpoint written by `fit` holds; each is a dict.
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "history", "config", "data")
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
@@ -713,7 +719,12 @@ def _train_epoch(
                 # The scheduler has stepped once per earlier batch of the run, resumed or not.
                 state.ema.update(step=scheduler.last_epoch)
             state.history.batch_lr.append(scheduler.get_last_lr()[0])
-            scheduler.step()
+            with warnings.catch_warnings():
+                # A step the GradScaler skipped (inf gradients, usual in fp16's first steps) makes
+                # the scheduler's first step warn that it ran before the optimizer's: spurious
+                # here, and the schedule stays aligned (pytorch/pytorch#44511).
+                warnings.filterwarnings("ignore", _SCHEDULER_BEFORE_OPTIMIZER, UserWarning)
+                scheduler.step()
             losses.append(loss.detach())
             correct += (logits.argmax(1) == labels).sum()
             count += len(labels)

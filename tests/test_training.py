@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from utils import (
     _make_optimizer,
     _make_scheduler,
     _save_checkpoint,
+    _train_epoch,
     _TrainState,
     autocast,
     confusion_matrix,
@@ -413,6 +415,34 @@ class PoisonsBatchNormAt(InterruptAt):
             if self.calls == self.n:  # before the forward pass: it saves the buffer for backward
                 self.net.c1[0][1].running_var.fill_(float("nan"))
         return self.net(x)
+
+
+class OverflowsOnce(InterruptAt):
+    """Wraps Net; its first training forward pass returns logits big enough for the gradients,
+    once scaled by a GradScaler, to overflow: the scaler then skips that optimizer step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == 1:
+                return out * 1e35
+        return out
+
+
+def test_a_step_skipped_by_the_grad_scaler_raises_no_scheduler_warning() -> None:
+    # As on CUDA with float16, where the first steps often overflow (pytorch/pytorch#44511).
+    config = dataclasses.replace(CONFIG, epochs=1)
+    model = OverflowsOnce()
+    optimizer = _make_optimizer(model, config)
+    train_loader, _ = loaders(64, 20, config.batch_size)
+    state = _TrainState(model, optimizer, _make_scheduler(optimizer, config, 1, len(train_loader)),
+                        torch.amp.GradScaler("cpu", enabled=True), History(), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_epoch(state, train_loader, torch.device("cpu"), config, epoch=1, progress=False)
+    assert state.scaler.get_scale() == 2.0**15  # halved from 2**16: the first step was skipped
+    assert state.scheduler.last_epoch == len(train_loader)  # and the schedule still stepped
 
 
 def finite_checkpoints(folder: Path) -> dict[str, int]:
