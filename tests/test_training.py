@@ -418,8 +418,7 @@ class PoisonsBatchNormAt(InterruptAt):
 
 
 class OverflowsOnce(InterruptAt):
-    """Wraps Net; its first training forward pass returns logits big enough for the gradients,
-    once scaled by a GradScaler, to overflow: the scaler then skips that optimizer step."""
+    """Wraps Net; its first training forward pass returns logits whose scaled gradients overflow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
