@@ -57,6 +57,11 @@ def build_net(name: str, train_images: np.ndarray) -> nn.Module:
     return model
 
 
+def chosen_nets(requested: list[str] | None, quick: bool) -> list[str]:
+    """The nets named on the command line; else Net (quick mode) or Net and the starting net."""
+    return requested or (["Net"] if quick else ["Net", "BaselineNet"])
+
+
 def multiply_adds(model: nn.Module) -> int:
     """Multiply-adds of one forward pass on one 3x32x32 image."""
     model.eval()
@@ -273,8 +278,8 @@ def main() -> None:
                         help="hold this many training images out and score them every epoch")
     parser.add_argument("--no-test", action="store_true",
                         help="never score the test set (tuning runs: decide on validation)")
-    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=["Net", "BaselineNet"],
-                        help="nets of the accuracy runs (default: Net and BaselineNet)")
+    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=None,
+                        help="nets to time and train (default: Net and BaselineNet; --quick: Net)")
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs,
                         help="epochs of the accuracy runs (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -311,7 +316,7 @@ def main() -> None:
     recipe = _overrides(args.recipe, fields, "recipe")
     augment_fields = inspect.signature(train_transforms).parameters
     augment = _overrides(args.augment, {n: type(p.default) for n, p in augment_fields.items()}, "augment")
-    nets = ["Net"] if args.quick else args.nets
+    nets = chosen_nets(args.nets, args.quick)
     device = torch.device(args.device) if args.device else get_device()
     mixed_precision = recipe.get("mixed_precision", True)
     batch_size = recipe.get("batch_size", defaults.batch_size)

@@ -17,7 +17,7 @@ import benchmarks.score
 import utils
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import (
-    _overrides, _run_folder, accuracy_run, build_net, multiply_adds, seed_cell, table
+    _overrides, _run_folder, accuracy_run, build_net, chosen_nets, multiply_adds, seed_cell, table
 )
 from benchmarks.score import score
 from benchmarks.variants import ShallowNet, WideNet, patch_components
@@ -160,6 +160,12 @@ def test_a_benchmark_run_whitens_with_its_training_images_only(monkeypatch) -> N
     with pytest.raises(Built):
         accuracy_run("WhitenedNet", data, TrainConfig(epochs=1), {}, 0, torch.device("cpu"))
     assert given[0] is data.train_images and len(data.val_labels) == 16
+
+
+def test_quick_mode_times_net_unless_other_nets_are_named() -> None:
+    assert chosen_nets(None, quick=True) == ["Net"]
+    assert chosen_nets(["ShallowNet"], quick=True) == ["ShallowNet"]
+    assert chosen_nets(None, quick=False) == ["Net", "BaselineNet"]
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
