@@ -242,12 +242,15 @@ def _typed(value: str, kind: type) -> object:
     return kind(value)
 
 
-def cuda_epoch_seconds(train: tuple, mixed_precision: bool, workers: int) -> dict:
+def cuda_epoch_seconds(
+    train: tuple, net_name: str, batch_size: int, mixed_precision: bool, workers: int
+) -> dict:
     """Steady-state seconds for one 50,000-image epoch on CUDA, augmenting in loader workers."""
     repeats = -(-EPOCH_IMAGES // len(train[1]))
     images = np.concatenate([train[0]] * repeats)[:EPOCH_IMAGES]
     labels = np.concatenate([train[1]] * repeats)[:EPOCH_IMAGES]
-    config = dataclasses.replace(TrainConfig(), epochs=3, mixed_precision=mixed_precision, log_every=50)
+    config = dataclasses.replace(TrainConfig(), epochs=3, batch_size=batch_size,
+                                 mixed_precision=mixed_precision, log_every=50)
     seed_everything(0)
     train_loader, test_loader = make_loaders(
         CIFAR10Dataset(images, labels, train_transforms()),
@@ -256,8 +259,11 @@ def cuda_epoch_seconds(train: tuple, mixed_precision: bool, workers: int) -> dic
         workers=workers,
     )
     torch.cuda.reset_peak_memory_stats()
-    history = fit(Net(), train_loader, test_loader, config=config, device="cuda", progress=False)
+    model = build_net(net_name, train[0])
+    history = fit(model, train_loader, test_loader, config=config, device="cuda", progress=False)
     return {
+        "net": net_name,
+        "batch_size": batch_size,
         "mixed_precision": mixed_precision,
         "loader_workers": workers,
         "epoch_seconds": [round(s, 2) for s in history.seconds],
@@ -357,7 +363,8 @@ def main() -> None:
     ]
     if torch.cuda.is_available():
         train = (data.train_images, data.train_labels)
-        result["cuda"] = [cuda_epoch_seconds(train, amp, workers) for amp in (True, False)]
+        result["cuda"] = [cuda_epoch_seconds(train, name, batch_size, amp, workers)
+                          for name in nets for amp in (True, False)]
     else:
         result["cuda"] = "skipped: no CUDA device"
 
@@ -444,7 +451,8 @@ def table(result: dict) -> str:
         for run in result["cuda"]:
             precision = "mixed precision" if run["mixed_precision"] else "float32"
             lines.append(
-                f"CUDA ({result['device']['cuda']}), 50,000-image epoch, {precision}: "
+                f"CUDA ({result['device']['cuda']}), {run['net']}, batch {run['batch_size']}, "
+                f"50,000-image epoch, {precision}: "
                 f"{run['steady_epoch_seconds']} s, peak memory {run['peak_gpu_memory_mib']} MiB"
             )
     else:

@@ -17,7 +17,8 @@ import benchmarks.score
 import utils
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import (
-    _overrides, _run_folder, accuracy_run, build_net, chosen_nets, multiply_adds, seed_cell, table
+    _overrides, _run_folder, accuracy_run, build_net, chosen_nets, cuda_epoch_seconds, multiply_adds,
+    seed_cell, table,
 )
 from benchmarks.score import score
 from benchmarks.variants import ShallowNet, WideNet, patch_components
@@ -25,7 +26,7 @@ from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters, receptive_field
 from transforms import normalize_images
 from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
-from utils import TrainConfig, seed_everything
+from utils import History, TrainConfig, seed_everything
 
 STARTING_NET_MACS = 36_700_000
 
@@ -166,6 +167,22 @@ def test_quick_mode_times_net_unless_other_nets_are_named() -> None:
     assert chosen_nets(None, quick=True) == ["Net"]
     assert chosen_nets(["ShallowNet"], quick=True) == ["ShallowNet"]
     assert chosen_nets(None, quick=False) == ["Net", "BaselineNet"]
+
+
+def test_the_cuda_timing_trains_the_named_net_at_the_run_batch_size(monkeypatch) -> None:
+    seen = {}
+
+    def fake_fit(model, train_loader, test_loader, config, device, progress) -> History:
+        seen.update(net=type(model).__name__, batch=train_loader.batch_size, device=device,
+                    images=len(train_loader.dataset))
+        return History(seconds=[3.0, 2.0, 2.5])
+
+    monkeypatch.setattr(benchmarks.bench, "fit", fake_fit)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**20)
+    run = cuda_epoch_seconds(synthetic_cifar10(64, seed=0), "ShallowNet", 128, True, workers=0)
+    assert seen == {"net": "ShallowNet", "batch": 128, "device": "cuda", "images": 50_000}
+    assert (run["net"], run["batch_size"], run["steady_epoch_seconds"]) == ("ShallowNet", 128, 2.0)
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
