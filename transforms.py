@@ -87,19 +87,21 @@ def seed_transform(transform: object, seed: int) -> None:
         transform.set_random_seed(seed)
 
 
+def _channel_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's mean and std as 3x1x1 tensors, broadcasting over CHW and NCHW."""
+    return torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+
+
 def normalize_images(images: np.ndarray) -> torch.Tensor:
     """N x 32 x 32 x 3 uint8 images as `test_transforms` feeds them to a net, as one NCHW tensor."""
-    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    mean, std = _channel_stats()
+    return (torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2) - mean) / std
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """Undo the normalisation of a 3xHxW tensor: an HxWx3 float image in [0, 1] for imshow."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"denormalize expects one 3xHxW image tensor; got {tuple(image.shape)}")
-    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    mean, std = _channel_stats()
     restored = image.detach().float().cpu() * std + mean
     return restored.clamp(0.0, 1.0).permute(1, 2, 0).numpy()
