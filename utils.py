@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -915,8 +916,6 @@ def fit(
         )
 
     model.to(device, memory_format=memory_format(device))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels once
     optimizer = _make_optimizer(model, config)
     state = _TrainState(
         model=model,
@@ -940,15 +939,31 @@ def fit(
     if folder is not None:
         _open_folder(folder, state, config, resume)
 
-    for epoch in range(state.history.epochs + 1, config.epochs + 1):
-        try:
-            _run_epoch(state, train_loader, scored, device, config, epoch, progress)
-            if folder is not None:
-                _save_run(folder, state, config)
-        except NonFiniteLossError as err:
-            advice = _divergence_advice(config, folder, epoch - 1)
-            raise NonFiniteLossError(f"{err} {advice}") from None
+    with _cudnn_autotuning(device):
+        for epoch in range(state.history.epochs + 1, config.epochs + 1):
+            try:
+                _run_epoch(state, train_loader, scored, device, config, epoch, progress)
+                if folder is not None:
+                    _save_run(folder, state, config)
+            except NonFiniteLossError as err:
+                advice = _divergence_advice(config, folder, epoch - 1)
+                raise NonFiniteLossError(f"{err} {advice}") from None
     return state.history
+
+
+@contextlib.contextmanager
+def _cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """cuDNN autotuning on CUDA for the run, then the caller's setting back.
+
+    Training batches have one fixed shape, so cuDNN can time its kernels once and keep the
+    fastest; code that runs after `fit` with changing shapes should not inherit that.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = previous or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

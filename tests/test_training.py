@@ -24,6 +24,7 @@ from utils import (
     History,
     NonFiniteLossError,
     TrainConfig,
+    _cudnn_autotuning,
     _load_checkpoint,
     _make_optimizer,
     _make_scheduler,
@@ -427,6 +428,21 @@ class OverflowsOnce(InterruptAt):
             if self.calls == 1:
                 return out * 1e35
         return out
+
+
+def test_cudnn_autotuning_lasts_only_for_a_cuda_run() -> None:
+    # fit trains inside this context; the caller's setting must come back, also after an error.
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with _cudnn_autotuning(torch.device("cpu")):
+            assert torch.backends.cudnn.benchmark is False
+        with pytest.raises(RuntimeError), _cudnn_autotuning(torch.device("cuda")):
+            assert torch.backends.cudnn.benchmark is True
+            raise RuntimeError("training stopped")
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_a_step_skipped_by_the_grad_scaler_raises_no_scheduler_warning() -> None:
