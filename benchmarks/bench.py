@@ -103,6 +103,35 @@ def augmentation_throughput(images: np.ndarray, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def loader_epoch_seconds(train: tuple, batch_size: int, workers: int, epochs: int = 2) -> list[float]:
+    """Seconds to draw each of `epochs` augmented 50,000-image epochs from the train loader alone.
+
+    No model runs, so this is the fastest any device can train with these loader workers: a GPU
+    that waits for its batches trains no faster (the README's Speed notes).
+    """
+    images, labels = _full_epoch(train)
+    loader, _ = make_loaders(
+        CIFAR10Dataset(images, labels, train_transforms()),
+        CIFAR10Dataset(images[:batch_size], labels[:batch_size], test_transforms()),
+        batch_size=batch_size,
+        workers=workers,
+    )
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        seconds.append(round(time.perf_counter() - start, 2))
+    return seconds
+
+
+def _full_epoch(train: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The (images, labels) of `train`, repeated or cut to one 50,000-image epoch."""
+    repeats = -(-EPOCH_IMAGES // len(train[1]))
+    return (np.concatenate([train[0]] * repeats)[:EPOCH_IMAGES],
+            np.concatenate([train[1]] * repeats)[:EPOCH_IMAGES])
+
+
 def accuracy_run(
     net_name: str,
     data: Splits,
@@ -246,9 +275,7 @@ def cuda_epoch_seconds(
     train: tuple, net_name: str, batch_size: int, mixed_precision: bool, workers: int
 ) -> dict:
     """Steady-state seconds for one 50,000-image epoch on CUDA, augmenting in loader workers."""
-    repeats = -(-EPOCH_IMAGES // len(train[1]))
-    images = np.concatenate([train[0]] * repeats)[:EPOCH_IMAGES]
-    labels = np.concatenate([train[1]] * repeats)[:EPOCH_IMAGES]
+    images, labels = _full_epoch(train)
     config = dataclasses.replace(TrainConfig(), epochs=3, batch_size=batch_size,
                                  mixed_precision=mixed_precision, log_every=50)
     seed_everything(0)
@@ -355,6 +382,9 @@ def main() -> None:
     result["augmentation_images_per_s_one_worker"] = round(
         augmentation_throughput(data.train_images, aug_count)
     )
+    result["loader_epoch_seconds"] = loader_epoch_seconds(
+        (data.train_images, data.train_labels), batch_size, workers
+    )
     result["accuracy"] = [
         accuracy_run(n, data, dataclasses.replace(defaults, epochs=epochs, seed=seed, **recipe),
                      augment, workers, device, args.progress, args.checkpoint_dir)
@@ -447,6 +477,11 @@ def table(result: dict) -> str:
         + (f"changed from the defaults: {changes}" if changes else "default recipe")
     )
     lines.append(f"augmentation, one worker: {result['augmentation_images_per_s_one_worker']:,} images/s")
+    if "loader_epoch_seconds" in result:
+        lines.append(
+            f"the train loader alone, {result['device']['loader_workers']} workers, no model: "
+            f"{' and '.join(map(str, result['loader_epoch_seconds']))} s per 50,000-image epoch"
+        )
     if isinstance(result["cuda"], list):
         for run in result["cuda"]:
             precision = "mixed precision" if run["mixed_precision"] else "float32"

@@ -17,8 +17,8 @@ import benchmarks.score
 import utils
 from benchmarks.baseline import BaselineNet
 from benchmarks.bench import (
-    _overrides, _run_folder, accuracy_run, build_net, chosen_nets, cuda_epoch_seconds, multiply_adds,
-    seed_cell, table,
+    _overrides, _run_folder, accuracy_run, build_net, chosen_nets, cuda_epoch_seconds,
+    loader_epoch_seconds, multiply_adds, seed_cell, table,
 )
 from benchmarks.score import score
 from benchmarks.variants import ShallowNet, WideNet, patch_components
@@ -183,6 +183,23 @@ def test_the_cuda_timing_trains_the_named_net_at_the_run_batch_size(monkeypatch)
     run = cuda_epoch_seconds(synthetic_cifar10(64, seed=0), "ShallowNet", 128, True, workers=0)
     assert seen == {"net": "ShallowNet", "batch": 128, "device": "cuda", "images": 50_000}
     assert (run["net"], run["batch_size"], run["steady_epoch_seconds"]) == ("ShallowNet", 128, 2.0)
+
+
+def test_the_loader_timing_draws_whole_epochs_of_augmented_batches(monkeypatch) -> None:
+    monkeypatch.setattr(benchmarks.bench, "EPOCH_IMAGES", 300)
+    drawn = []
+    original = benchmarks.bench.make_loaders
+
+    def counting_loaders(*args, **kwargs):
+        train, test = original(*args, **kwargs)
+        drawn.append(train)
+        return train, test
+
+    monkeypatch.setattr(benchmarks.bench, "make_loaders", counting_loaders)
+    seconds = loader_epoch_seconds(synthetic_cifar10(64, seed=0), batch_size=100, workers=0)
+    (loader,) = drawn
+    assert len(loader.dataset) == 300 and len(loader) == 3  # 64 images repeated to one epoch
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
