@@ -103,7 +103,9 @@ def augmentation_throughput(images: np.ndarray, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def loader_epoch_seconds(train: tuple, batch_size: int, workers: int, epochs: int = 2) -> list[float]:
+def loader_epoch_seconds(
+    train: tuple, batch_size: int, workers: int, epochs: int = 2
+) -> list[float]:
     """Seconds to draw each of `epochs` augmented 50,000-image epochs from the train loader alone.
 
     No model runs, so this is the fastest any device can train with these loader workers: a GPU
