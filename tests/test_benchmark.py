@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 import benchmarks.bench
 import benchmarks.score
@@ -24,7 +25,7 @@ from benchmarks.score import score
 from benchmarks.variants import ShallowNet, WideNet, patch_components
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters, receptive_field
-from transforms import normalize_images
+from transforms import normalize_images, train_transforms
 from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
 from utils import History, TrainConfig, seed_everything
 
@@ -76,6 +77,9 @@ def test_table_puts_both_nets_side_by_side() -> None:
     assert "| training acc, final weights, un-augmented (%) | 80.25 | - |" in lines
     assert "| first epoch with test acc >= 85% | never | - |" in lines
     assert "augmentation, one worker: 11,184 images/s" in lines
+    assert "train loader alone" not in table(result)
+    result["loader_epoch_seconds"], result["device"]["loader_workers"] = [4.24, 4.33], 2
+    assert "the train loader alone, 2 workers, no model: 4.24 and 4.33 s" in table(result)
 
 
 def test_seed_cell_lists_each_seed_then_the_mean() -> None:
@@ -185,21 +189,30 @@ def test_the_cuda_timing_trains_the_named_net_at_the_run_batch_size(monkeypatch)
     assert (run["net"], run["batch_size"], run["steady_epoch_seconds"]) == ("ShallowNet", 128, 2.0)
 
 
-def test_the_loader_timing_draws_whole_epochs_of_augmented_batches(monkeypatch) -> None:
+def test_the_loader_timing_draws_whole_epochs_with_the_runs_augmentation(monkeypatch) -> None:
     monkeypatch.setattr(benchmarks.bench, "EPOCH_IMAGES", 300)
-    drawn = []
-    original = benchmarks.bench.make_loaders
+    loaders, batches = [], []
+    original, original_iter = benchmarks.bench.make_loaders, DataLoader.__iter__
 
-    def counting_loaders(*args, **kwargs):
+    def recording_loaders(*args, **kwargs):
         train, test = original(*args, **kwargs)
-        drawn.append(train)
+        loaders.append(train)
         return train, test
 
-    monkeypatch.setattr(benchmarks.bench, "make_loaders", counting_loaders)
-    seconds = loader_epoch_seconds(synthetic_cifar10(64, seed=0), batch_size=100, workers=0)
-    (loader,) = drawn
-    assert len(loader.dataset) == 300 and len(loader) == 3  # 64 images repeated to one epoch
-    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    def counting_iter(loader):
+        batches.append(0)
+        for batch in original_iter(loader):
+            batches[-1] += 1
+            yield batch
+
+    monkeypatch.setattr(benchmarks.bench, "make_loaders", recording_loaders)
+    monkeypatch.setattr(DataLoader, "__iter__", counting_iter)
+    seconds = loader_epoch_seconds(synthetic_cifar10(64, seed=0), batch_size=100, workers=0,
+                                   augment={"rotate": 5.0})
+    (loader,) = loaders
+    assert len(loader.dataset) == 300  # 64 images repeated to one (shrunk) epoch
+    assert batches == [3, 3] and len(seconds) == 2 and all(s >= 0 for s in seconds)
+    assert repr(loader.dataset.transform) == repr(train_transforms(rotate=5.0))
 
 
 def test_sweep_options_are_typed_and_refuse_what_they_cannot_mean() -> None:
