@@ -277,7 +277,8 @@ def _typed(value: str, kind: type) -> object:
 
 
 def cuda_epoch_seconds(
-    train: tuple, net_name: str, batch_size: int, mixed_precision: bool, workers: int
+    train: tuple, net_name: str, batch_size: int, mixed_precision: bool, workers: int,
+    augment: dict,
 ) -> dict:
     """Steady-state seconds for one 50,000-image epoch on CUDA, augmenting in loader workers."""
     images, labels = _full_epoch(train)
@@ -285,7 +286,7 @@ def cuda_epoch_seconds(
                                  mixed_precision=mixed_precision, log_every=50)
     seed_everything(0)
     train_loader, test_loader = make_loaders(
-        CIFAR10Dataset(images, labels, train_transforms()),
+        CIFAR10Dataset(images, labels, train_transforms(**augment)),
         CIFAR10Dataset(images[:config.batch_size], labels[:config.batch_size], test_transforms()),
         batch_size=config.batch_size,
         workers=workers,
@@ -401,7 +402,7 @@ def main() -> None:
     ]
     if torch.cuda.is_available():
         train = (data.train_images, data.train_labels)
-        result["cuda"] = [cuda_epoch_seconds(train, name, batch_size, amp, workers)
+        result["cuda"] = [cuda_epoch_seconds(train, name, batch_size, amp, workers, augment)
                           for name in nets for amp in (True, False)]
     else:
         result["cuda"] = "skipped: no CUDA device"

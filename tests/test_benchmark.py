@@ -178,14 +178,17 @@ def test_the_cuda_timing_trains_the_named_net_at_the_run_batch_size(monkeypatch)
 
     def fake_fit(model, train_loader, test_loader, config, device, progress) -> History:
         seen.update(net=type(model).__name__, batch=train_loader.batch_size, device=device,
-                    images=len(train_loader.dataset))
+                    images=len(train_loader.dataset),
+                    transform=repr(train_loader.dataset.transform))
         return History(seconds=[3.0, 2.0, 2.5])
 
     monkeypatch.setattr(benchmarks.bench, "fit", fake_fit)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**20)
-    run = cuda_epoch_seconds(synthetic_cifar10(64, seed=0), "ShallowNet", 128, True, workers=0)
-    assert seen == {"net": "ShallowNet", "batch": 128, "device": "cuda", "images": 50_000}
+    run = cuda_epoch_seconds(synthetic_cifar10(64, seed=0), "ShallowNet", 128, True, workers=0,
+                             augment={"rotate": 5.0})
+    assert seen == {"net": "ShallowNet", "batch": 128, "device": "cuda", "images": 50_000,
+                    "transform": repr(train_transforms(rotate=5.0))}
     assert (run["net"], run["batch_size"], run["steady_epoch_seconds"]) == ("ShallowNet", 128, 2.0)
 
 

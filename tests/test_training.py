@@ -1,6 +1,7 @@
 """fit trains, repeats, resumes exactly (and only the same run), stops on divergence, never
 overwrites or corrupts a run; History, scoring and plots work."""
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -19,6 +20,7 @@ from dataset import CIFAR10Dataset, eval_loader, make_loaders, synthetic_cifar10
 from model import Net
 from transforms import test_transforms as eval_transforms
 from transforms import train_transforms
+import utils
 from utils import (
     CheckpointError,
     History,
@@ -443,6 +445,19 @@ def test_cudnn_autotuning_lasts_only_for_a_cuda_run() -> None:
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_fit_trains_inside_the_cudnn_autotuning_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(device: torch.device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(utils, "_cudnn_autotuning", recording)
+    tiny_fit(None)
+    assert entered == [torch.device("cpu")]
 
 
 def test_a_step_skipped_by_the_grad_scaler_raises_no_scheduler_warning() -> None:
