@@ -149,19 +149,56 @@ class LayerRF:
     receptive_field: int
 
 
-def _spatial_layers(model: nn.Module, input_size: int) -> list[tuple[str, nn.Module, int]]:
-    """(name, module, output side) for every conv and pooling layer, in forward order.
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A conv or pooling layer as it ran: its module path, output side and geometry."""
+
+    name: str
+    module: nn.Module
+    output_size: int
+    kernel: int
+    stride: int
+    dilation: int
+
+    @property
+    def is_global_pool(self) -> bool:
+        """A pool whose output is 1x1: global pooling, however it is spelled."""
+        return isinstance(self.module, _POOLS) and self.output_size == 1
+
+
+def _geometry(module: nn.Module, input_size: int, output_size: int) -> tuple[int, int, int]:
+    """(kernel, stride, dilation) of a conv or pooling layer, as it ran on its input.
+
+    An adaptive pool has no fixed kernel: from its input and output sides it acts as a pool
+    of kernel ceil(in / out) and stride in // out (a global pool: kernel and stride = in).
+    """
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return -(-input_size // output_size), max(1, input_size // output_size), 1
+
+    def first(value: int | tuple[int, ...]) -> int:
+        return value[0] if isinstance(value, tuple) else value
+
+    dilation = getattr(module, "dilation", 1)
+    return first(module.kernel_size), first(module.stride), first(dilation)
+
+
+def _spatial_layers(model: nn.Module, input_size: int) -> list[_Layer]:
+    """Every conv and pooling layer, in the order the forward pass runs them.
 
     Hooks record the order the layers actually run in, so nothing depends on how the
-    model's attributes happen to be declared. Global average pooling ends the walk.
+    model's attributes happen to be declared.
     """
     names = {module: name for name, module in model.named_modules()}
-    seen: list[tuple[str, nn.Module, int]] = []
-    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    seen: list[_Layer] = []
 
-    def record(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        seen.append((names[module], module, output.shape[-1]))
+    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        side_in, side_out = inputs[0].shape[-1], output.shape[-1]
+        seen.append(_Layer(names[module], module, side_out, *_geometry(module, side_in, side_out)))
 
+    kinds = (nn.Conv2d, *_POOLS)
     handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, kinds)]
     was_training = model.training
     try:
@@ -176,36 +213,26 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[tuple[str, nn.Mod
     return seen
 
 
-def _geometry(module: nn.Module) -> tuple[int, int, int] | None:
-    """(kernel, stride, dilation) of a conv or pooling layer; None for adaptive (global) pools."""
-    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-        return None
-
-    def first(value: int | tuple[int, ...]) -> int:
-        return value[0] if isinstance(value, tuple) else value
-
-    dilation = getattr(module, "dilation", 1)
-    return first(module.kernel_size), first(module.stride), first(dilation)
-
-
 def receptive_field_table(model: nn.Module, input_size: int = 32) -> list[LayerRF]:
     """Per-layer receptive field, walking the layers' kernel, stride and dilation in order.
 
     r_out = r_in + (k - 1) * dilation * j_in;  j_out = j_in * stride.
+    The walk ends at global pooling (any pool with a 1x1 output, `AvgPool2d(8)` on an 8x8 map
+    as much as `AdaptiveAvgPool2d(1)`): the RF is that of the feature map it pools.
     An identity shortcut leaves both unchanged, so the deepest path sets the RF. Every hooked
     conv is walked as if in series, so a projection shortcut (a strided or k > 1 conv on the
     skip path) would be counted as part of the main path: `Net` has none.
     """
     rows: list[LayerRF] = []
     rf, jump = 1, 1
-    for name, module, size in _spatial_layers(model, input_size):
-        geometry = _geometry(module)
-        if geometry is None:  # global pooling: the RF is taken at the feature map before it
+    for layer in _spatial_layers(model, input_size):
+        if layer.is_global_pool:
             break
-        kernel, stride, dilation = geometry
-        rf += (kernel - 1) * dilation * jump
-        jump *= stride
-        rows.append(LayerRF(name, kernel, stride, dilation, size, jump, rf))
+        rf += (layer.kernel - 1) * layer.dilation * jump
+        jump *= layer.stride
+        rows.append(
+            LayerRF(layer.name, layer.kernel, layer.stride, layer.dilation, layer.output_size, jump, rf)
+        )
     return rows
 
 
@@ -229,9 +256,9 @@ class BriefCheck:
     passed: bool
 
 
-def _separable_pairs(layers: list[tuple[str, nn.Module, int]]) -> list[str]:
+def _separable_pairs(layers: list[_Layer]) -> list[str]:
     """Depthwise 3x3 convs (groups == channels) whose next conv is a 1x1 pointwise conv."""
-    convs = [(name, m) for name, m, _ in layers if isinstance(m, nn.Conv2d)]
+    convs = [(layer.name, layer.module) for layer in layers if isinstance(layer.module, nn.Conv2d)]
     pairs = []
     for (name, conv), (_, nxt) in zip(convs, convs[1:]):
         depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
@@ -241,9 +268,9 @@ def _separable_pairs(layers: list[tuple[str, nn.Module, int]]) -> list[str]:
     return pairs
 
 
-def _is_global_average_pool(module: nn.Module, output_size: int) -> bool:
+def _is_global_average_pool(layer: _Layer) -> bool:
     """An average pool whose output is 1x1: global average pooling, however it is spelled."""
-    return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)) and output_size == 1
+    return layer.is_global_pool and isinstance(layer.module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d))
 
 
 def _output_shape(model: nn.Module) -> tuple[int, ...]:
@@ -261,20 +288,20 @@ def _output_shape(model: nn.Module) -> tuple[int, ...]:
 def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     """Every rule of the brief, measured on the live model."""
     layers = _spatial_layers(model, INPUT_SHAPE[1])
-    gap = next((i for i, (_, m, size) in enumerate(layers) if _is_global_average_pool(m, size)), None)
+    gap = next((i for i, layer in enumerate(layers) if _is_global_average_pool(layer)), None)
     body, head = (layers[:gap], layers[gap + 1 :]) if gap is not None else (layers, [])
-    convs = [(name, m) for name, m, _ in body if isinstance(m, nn.Conv2d)]
+    convs = [layer for layer in body if isinstance(layer.module, nn.Conv2d)]
     blocks = [name for name in ("c1", "c2", "c3", "c4", "head") if hasattr(model, name)]
     maxpools = [n for n, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))]
-    strided = [(name, m) for name, m, _ in body if _geometry(m)[1] > 1]
+    strided = [layer for layer in body if layer.stride > 1]
     bad_downsamplers = [
-        n for n, m in strided
-        if not (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and _geometry(m)[1] == 2)
+        layer.name for layer in strided
+        if not (isinstance(layer.module, nn.Conv2d) and layer.kernel == 3 and layer.stride == 2)
     ]
-    dilated = [name for name, m in convs if _geometry(m)[2] > 1]
+    dilated = [layer.name for layer in convs if layer.dilation > 1]
     separable = _separable_pairs(body)
     head_is_1x1 = gap is not None and all(
-        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for _, m, _ in head
+        isinstance(layer.module, nn.Conv2d) and layer.module.kernel_size == (1, 1) for layer in head
     )
     params = count_parameters(model)
     rf = receptive_field(model)
@@ -294,7 +321,7 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
         BriefCheck("a depthwise-separable conv", ", ".join(separable) or "none", bool(separable)),
         BriefCheck(
             "global average pooling, then 1x1 conv/FC",
-            f"{layers[gap][0]} -> 1x1" if gap is not None else "no global average pooling",
+            f"{layers[gap].name} -> 1x1" if gap is not None else "no global average pooling",
             head_is_1x1,
         ),
         BriefCheck(f"{num_classes} outputs (logits)", f"shape {outputs}", outputs == (2, num_classes)),

@@ -36,9 +36,30 @@ def test_receptive_field_of_hand_checked_stacks(layers: list[nn.Module], expecte
     assert receptive_field(nn.Sequential(*layers)) == expected
 
 
-def test_receptive_field_stops_at_global_pooling() -> None:
-    stack = nn.Sequential(conv(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 10, 1))
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(1), nn.AvgPool2d(32)])
+def test_receptive_field_stops_at_global_pooling_however_it_is_spelled(pool: nn.Module) -> None:
+    stack = nn.Sequential(conv(), pool, nn.Conv2d(3, 10, 1))
     assert receptive_field(stack) == 3
+
+
+def test_a_non_global_adaptive_pool_counts_as_the_pool_it_acts_as() -> None:
+    stack = nn.Sequential(conv(), nn.AdaptiveAvgPool2d(16), conv())  # a 2x2 stride-2 pool
+    assert receptive_field(stack) == receptive_field(nn.Sequential(conv(), nn.AvgPool2d(2), conv()))
+
+
+def test_net_with_a_fixed_size_global_pool_measures_the_same() -> None:
+    net = Net()
+    net.head[0] = nn.AvgPool2d(8)  # the 8x8 map pooled to 1x1: global pooling spelled otherwise
+    assert receptive_field(net) == receptive_field(Net())
+    assert all(row.passed for row in check_brief(net))
+
+
+def test_a_strided_adaptive_pool_in_the_body_fails_the_downsampling_rule() -> None:
+    net = Net()
+    net.c3.insert(0, nn.AdaptiveAvgPool2d(4))
+    rows = {row.rule: row for row in check_brief(net)}
+    assert not rows["downsampling only by 3x3 stride-2 convs"].passed
+    assert "c3.0" in rows["downsampling only by 3x3 stride-2 convs"].measured
 
 
 def test_net_receptive_field_exceeds_44_and_table_is_consistent() -> None:
