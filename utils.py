@@ -170,9 +170,17 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("max_lr", self.max_lr > 0, "> 0"),
+            # OneCycleLR divides by the annealing phase's length: 1.0 fails on the last batch.
+            ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"),
+            ("div_factor", self.div_factor > 0, "> 0"),
+            ("final_div_factor", self.final_div_factor > 0, "> 0"),
+            ("momentum", 0 < self.momentum < 1 if self.nesterov else 0 <= self.momentum < 1,
+             "in (0, 1) with nesterov=True, else in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no moving average)"),
             ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
+            ("seed", self.seed >= 0, ">= 0 (numpy's generators refuse negative seeds)"),
         )
         problems = [
             f"{name}={getattr(self, name)!r} must be {rule}" for name, ok, rule in rules if not ok

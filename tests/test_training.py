@@ -362,11 +362,19 @@ def test_a_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path) -
     "field, value",
     [("log_every", 0), ("log_every", -1), ("epochs", 0), ("batch_size", 0), ("max_lr", 0.0),
      ("max_lr", float("nan")), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
-     ("ema_decay", 1.0), ("ema_decay", -0.5)],
+     ("ema_decay", 1.0), ("ema_decay", -0.5), ("warmup_fraction", 1.0), ("warmup_fraction", 1),
+     ("warmup_fraction", -0.1), ("div_factor", 0.0), ("final_div_factor", 0.0), ("momentum", 0.0),
+     ("momentum", 1.0), ("weight_decay", -1e-4), ("seed", -1)],
 )
 def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=re.escape(f"invalid TrainConfig: {field}={value!r} must be ")):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("warmup_fraction", [0.0, 0.99])
+def test_the_widest_accepted_warm_ups_train_through_the_last_batch(warmup_fraction: float) -> None:
+    history = tiny_fit(None, epochs=2, warmup_fraction=warmup_fraction)
+    assert history.epochs == 2 and len(history.batch_lr) == 4
 
 
 def test_without_an_average_the_warm_up_does_nothing() -> None:
