@@ -571,7 +571,9 @@ def make_loaders(
         train_set, test_set: the datasets.
         batch_size: images per batch (the test loader uses twice as many: no gradients).
         workers: loader processes; None picks one per CPU core, up to 8.
-        seed: seeds the shuffle and the workers' augmentation, for a repeatable order.
+        seed: seeds the shuffle and the workers' augmentation, for a repeatable order when
+            the loader is iterated directly; `fit` reseeds both every epoch from
+            `TrainConfig.seed` (so a resumed run repeats), which then decides.
     """
     workers = _default_workers(workers)
     # The train loader's workers restart every epoch (not persistent), so each epoch's

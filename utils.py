@@ -844,11 +844,12 @@ def _score_average(
 
 
 def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
-    """Write best.pt (when this epoch is the best on validation so far), last.pt, history.json.
+    """Write last.pt and history.json; best.pt too when validation is at its best yet.
 
-    Only a validation score picks best.pt: picking an epoch by its test score would flatter
-    the test set. best.pt goes first: a kill between the two writes then resumes from the epoch
-    before, which is recomputed, instead of losing a best epoch that last.pt already counted.
+    Only a validation score picks best.pt (of tied epochs, the later one): picking an epoch by
+    its test score would flatter the test set. best.pt goes first: a kill between the two
+    writes then resumes from the epoch before, which is recomputed, instead of losing a best
+    epoch that last.pt already counted.
     """
     val_acc = state.history.val_acc
     if val_acc and val_acc[-1] >= max(val_acc):
@@ -1122,7 +1123,9 @@ def misclassified(
         confidence, predicted = logits.softmax(1).cpu().max(1)
         for i in (predicted != labels).nonzero().flatten().tolist():
             records.append(
-                Misclassified(images[i], int(labels[i]), int(predicted[i]), float(confidence[i]))
+                # A copy: a view would keep its whole batch (pinned, on a GPU) alive.
+                Misclassified(images[i].clone(), int(labels[i]), int(predicted[i]),
+                              float(confidence[i]))
             )
     records.sort(key=lambda r: r.confidence, reverse=True)
     return records[:limit]
