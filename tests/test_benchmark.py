@@ -261,6 +261,23 @@ def test_score_reports_the_saved_weights_on_test_and_training_images(
     assert (result["test_images"], result["train_images"]) == (10, 20)
 
 
+def test_score_of_a_validation_run_needs_its_split_and_scores_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, labels = synthetic_cifar10(30, seed=1)
+    write_cifar_folder(tmp_path, images, labels, slice(0, 20), slice(20, 30))
+    torch.save({"model": Net().state_dict(), "data": {"train_images": 15}}, tmp_path / "best.pt")
+    monkeypatch.setattr(benchmarks.score, "evaluate",
+                        lambda model, loader, device, flip=False: (0.0, float(len(loader.dataset))))
+    with pytest.raises(ValueError, match=r"trained on 15 images, but these splits hold 20 .* "
+                                         r"--validation N"):
+        score(tmp_path / "best.pt", str(tmp_path), workers=0, device=torch.device("cpu"))
+    result = score(tmp_path / "best.pt", str(tmp_path), workers=0, device=torch.device("cpu"),
+                   validation=5)
+    assert (result["train_images"], result["clean_train_acc"]) == (15, 15)
+    assert (result["val_images"], result["val_acc"]) == (5, 5)
+
+
 class Interrupted(Exception):
     """Stands in for a run killed mid-epoch."""
 
