@@ -575,7 +575,7 @@ def make_loaders(
             the loader is iterated directly; `fit` reseeds both every epoch from
             `TrainConfig.seed` (so a resumed run repeats), which then decides.
     """
-    workers = _default_workers(workers)
+    workers = default_workers(workers)
     # The train loader's workers restart every epoch (not persistent), so each epoch's
     # augmentation streams are seeded from that epoch's seed: a resumed run then repeats an
     # uninterrupted one exactly.
@@ -600,7 +600,7 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int | None = None) -
     Its order and transforms are fixed, so its workers persist across epochs: restarting them
     would only cost time (seconds per epoch where workers are spawned, as on macOS).
     """
-    workers = _default_workers(workers)
+    workers = default_workers(workers)
     return DataLoader(
         dataset,
         batch_size=2 * batch_size,
@@ -611,7 +611,7 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int | None = None) -
     )
 
 
-def _default_workers(workers: int | None) -> int:
+def default_workers(workers: int | None) -> int:
     """`workers`, or one loader process per CPU core, up to 8, when it is None."""
     # The cap: on a 16-core H200 machine 16 workers made an epoch no faster than 8 (README, Speed).
     return min(8, os.cpu_count() or 1) if workers is None else workers

@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.baseline import BaselineNet  # noqa: E402
 from benchmarks.variants import ShallowNet, UnnormalisedWhitenedNet, WhitenedNet, WideNet  # noqa: E402
-from dataset import CIFAR10Dataset, Splits, eval_loader, load_splits, make_loaders  # noqa: E402
+from dataset import (  # noqa: E402
+    CIFAR10Dataset, Splits, default_workers, eval_loader, load_splits, make_loaders,
+)
 from model import Net, count_parameters  # noqa: E402
 from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
 from utils import (  # noqa: E402
@@ -336,7 +338,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
 
-    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    workers = default_workers(args.workers)
     steps, aug_count, epochs = (3, 500, 2) if args.quick else (20, 5000, args.epochs)
     limits = (512, 256) if args.quick else None
     # A folder that was named but holds no CIFAR-10 is an error, not a run on synthetic images.
@@ -357,7 +359,7 @@ def main() -> None:
     augment = _overrides(args.augment, {n: type(p.default) for n, p in augment_fields.items()}, "augment")
     nets = chosen_nets(args.nets, args.quick)
     device = torch.device(args.device) if args.device else get_device()
-    mixed_precision = recipe.get("mixed_precision", True)
+    mixed_precision = recipe.get("mixed_precision", defaults.mixed_precision)
     batch_size = recipe.get("batch_size", defaults.batch_size)
 
     result: dict = {
