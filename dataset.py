@@ -347,7 +347,11 @@ def load_splits(
             class), so recipes are tuned without looking at the test set.
         split_seed: picks which images are held out.
     """
-    on_disk = root is not None and (Path(root) / BATCH_FOLDER / TEST_BATCHES[0]).is_file()
+    # Any batch counts: a folder with half the batches is an error to name, not a reason to
+    # swap real images for synthetic ones.
+    on_disk = root is not None and any(
+        (Path(root) / BATCH_FOLDER / name).is_file() for name in (*TRAIN_BATCHES, *TEST_BATCHES)
+    )
     if synthetic_fallback and not on_disk and not download:
         images, labels = synthetic_cifar10(6000, seed=0)
         train, test = (images[:5000], labels[:5000]), (images[5000:], labels[5000:])

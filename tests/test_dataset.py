@@ -504,3 +504,12 @@ def test_eval_loaders_keep_their_workers_and_train_loaders_restart_theirs() -> N
     train_loader, test_loader = make_loaders(data, data, batch_size=8, workers=2)
     assert test_loader.persistent_workers and not train_loader.persistent_workers
     assert eval_loader(data, 8, workers=0).batch_size == 16
+
+
+def test_a_folder_with_training_batches_but_no_test_batch_is_named_not_replaced(
+    tmp_path: Path,
+) -> None:
+    images, labels = synthetic_cifar10(20, seed=0)
+    write_batch(tmp_path / BATCH_FOLDER / "data_batch_1", images, labels)
+    with pytest.raises(FileNotFoundError, match="No CIFAR-10 test batches in"):
+        load_splits(tmp_path, synthetic_fallback=True)
