@@ -139,6 +139,11 @@ class TrainConfig:
     warmup_fraction: float = 0.2
     div_factor: float = 10.0
     final_div_factor: float = 100.0
+    # The shape of the one-cycle's descent after the warm-up: "linear" or "cos" (cosine).
+    anneal: str = "linear"
+    # "sgd": SGD with (Nesterov) momentum. "adamw": AdamW, with `momentum` as its first beta
+    # and decoupled weight decay; it wants a max_lr about 100x smaller than SGD's.
+    optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
     # Applied to conv/linear weights only: decaying BatchNorm scales and biases only hurts.
@@ -174,6 +179,8 @@ class TrainConfig:
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"),
             ("div_factor", self.div_factor > 0, "> 0"),
             ("final_div_factor", self.final_div_factor > 0, "> 0"),
+            ("anneal", self.anneal in ("linear", "cos"), "'linear' or 'cos'"),
+            ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
             ("momentum", 0 < self.momentum < 1 if self.nesterov else 0 <= self.momentum < 1,
              "in (0, 1) with nesterov=True, else in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
@@ -333,18 +340,17 @@ def _new_folder(path: Path) -> Path:
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; weight decay on weights of rank > 1 only."""
+    """SGD with Nesterov momentum, or AdamW; weight decay on weights of rank > 1 only."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.max_lr / config.div_factor,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-    )
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    lr = config.max_lr / config.div_factor
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(config.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov)
 
 
 class WeightAverage:
@@ -395,7 +401,7 @@ def _make_scheduler(
         pct_start=config.warmup_fraction,
         div_factor=config.div_factor,
         final_div_factor=config.final_div_factor,
-        anneal_strategy="linear",
+        anneal_strategy=config.anneal,
         cycle_momentum=False,
     )
 
@@ -531,7 +537,7 @@ _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "
 _FREE_FIELDS = ("log_every", "mixed_precision")
 # Config fields added after checkpoints were first written, with the value every older
 # checkpoint's run had: such a checkpoint resumes as long as the field still has that value.
-_ADDED_FIELDS = {"ema_decay": 0.0, "ema_warmup": False}
+_ADDED_FIELDS = {"ema_decay": 0.0, "ema_warmup": False, "anneal": "linear", "optimizer": "sgd"}
 # torch.load reports an empty, cut-short or foreign file as any of these.
 _UNREADABLE = (
     EOFError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError,

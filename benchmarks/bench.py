@@ -33,8 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.baseline import BaselineNet  # noqa: E402
-from benchmarks.variants import ShallowNet, UnnormalisedWhitenedNet, WhitenedNet, WideNet  # noqa: E402
+from benchmarks.starting_net import StartingNet  # noqa: E402
+from benchmarks.variants import (  # noqa: E402
+    SeparableNet, ShallowSeparableNet, UnnormalisedWhitenedNet, WhitenedNet, WideSeparableNet,
+)
 from dataset import (  # noqa: E402
     CIFAR10Dataset, Splits, default_workers, eval_loader, load_splits, make_loaders,
 )
@@ -45,7 +47,8 @@ from utils import (  # noqa: E402
 )
 
 NETS = {
-    "Net": Net, "BaselineNet": BaselineNet, "ShallowNet": ShallowNet, "WideNet": WideNet,
+    "Net": Net, "SeparableNet": SeparableNet, "StartingNet": StartingNet,
+    "ShallowSeparableNet": ShallowSeparableNet, "WideSeparableNet": WideSeparableNet,
     "WhitenedNet": WhitenedNet, "UnnormalisedWhitenedNet": UnnormalisedWhitenedNet,
 }
 EPOCH_IMAGES = 50_000  # one epoch of full CIFAR-10
@@ -61,7 +64,7 @@ def build_net(name: str, train_images: np.ndarray) -> nn.Module:
 
 def chosen_nets(requested: list[str] | None, quick: bool) -> list[str]:
     """The nets named on the command line; else Net (quick mode) or Net and the starting net."""
-    return requested or (["Net"] if quick else ["Net", "BaselineNet"])
+    return requested or (["Net"] if quick else ["Net", "StartingNet"])
 
 
 def multiply_adds(model: nn.Module) -> int:
@@ -320,7 +323,7 @@ def main() -> None:
     parser.add_argument("--no-test", action="store_true",
                         help="never score the test set (tuning runs: decide on validation)")
     parser.add_argument("--nets", nargs="+", choices=list(NETS), default=None,
-                        help="nets to time and train (default: Net and BaselineNet; --quick: Net)")
+                        help="nets to time and train (default: Net and StartingNet; --quick: Net)")
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs,
                         help="epochs of the accuracy runs (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],

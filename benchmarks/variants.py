@@ -4,12 +4,44 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import WIDTHS, ConvBNReLU, Net, Residual, SeparableConvBNReLU
+from model import ConvBNReLU, Net, Residual, SeparableConvBNReLU
 from transforms import normalize_images
 
 
-class ShallowNet(Net):
-    """The previous `Net`: two layers shallower, downsampling C2 -> C3 with a full 3x3 conv.
+class SeparableNet(Net):
+    """The previous `Net`: its capacity at 8x8, in depthwise-separable convs (184,234 parameters).
+
+    C1 (32x32) a 3x3 conv to 32 channels, one residual 3x3 conv, a stride-2 conv to 64.
+    C2 (16x16) a residual pair (a 3x3 conv and a dilated one), a separable stride-2 conv to 128.
+    C3, C4 (8x8) two residual pairs of separable convs at 128 channels, C4's first dilated.
+    39% of its parameters sit at 8x8, where they see 11% of the multiply-adds. Receptive field
+    63 pixels.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        # Builds every layer in the order the previous `Net` did, so a seed draws the same
+        # initial weights as it did then and the sweep's commands repeat their runs exactly.
+        nn.Module.__init__(self)
+        self.c1 = nn.Sequential(
+            ConvBNReLU(3, 32), Residual(ConvBNReLU(32, 32)), ConvBNReLU(32, 64, stride=2)
+        )
+        self.c2 = nn.Sequential(
+            Residual(ConvBNReLU(64, 64), ConvBNReLU(64, 64, dilation=2)),
+            SeparableConvBNReLU(64, 128, stride=2),
+        )
+        self.c3 = nn.Sequential(
+            Residual(SeparableConvBNReLU(128, 128), SeparableConvBNReLU(128, 128))
+        )
+        self.c4 = nn.Sequential(
+            Residual(SeparableConvBNReLU(128, 128, dilation=2), SeparableConvBNReLU(128, 128))
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(128, num_classes, 1), nn.Flatten()
+        )
+
+
+class ShallowSeparableNet(Net):
+    """`SeparableNet` before it grew: two layers shallower, a full 3x3 conv from C2 to C3.
 
     C1 has no shortcut, C2's residual holds only the dilated conv, C4's only one separable conv,
     and C2 -> C3 downsamples with a full 64 -> 128 stride-2 3x3 conv (74k of its 194,410
@@ -33,12 +65,13 @@ class ShallowNet(Net):
         )
 
 
-class WideNet(ShallowNet):
-    """`ShallowNet` with 192 channels instead of 128 at 8x8, paid for by a separable downsample.
+class WideSeparableNet(ShallowSeparableNet):
+    """`ShallowSeparableNet` with 192 channels at 8x8 instead of 128, paid for by a separable
+    downsample.
 
     The full 64 -> 128 stride-2 3x3 conv costs 74k parameters; a depthwise-separable one to 192
     channels costs 13k, and the rest widens C3, C4 and the head (197,866 parameters in all,
-    0.5% more multiply-adds than `ShallowNet`). It spends the freed parameters on width at 8x8,
+    0.5% more multiply-adds than `ShallowSeparableNet`). It spends the freed parameters on width at 8x8,
     where today's `Net` spends them on extra layers.
 
     Args:
@@ -78,17 +111,17 @@ def patch_components(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return variances.flip(0).float(), vectors.flip(1).T.float()
 
 
-class WhitenedNet(Net):
-    """`Net` whose first conv is a frozen filter bank: the principal components of 3x3 patches.
+class WhitenedNet(SeparableNet):
+    """`SeparableNet` whose first conv is a frozen filter bank: principal components of patches.
 
     After airbench's patch-whitening layer: the first conv starts from, and keeps, the
     directions in which 3x3 image patches vary most, so the layers above it learn from
     decorrelated inputs from the first step instead of waiting for C1 to find such filters.
     Each of the 16 leading components (of 27) appears with both signs (32 filters), so the ReLU
     after it passes both halves of every direction; BatchNorm after the conv makes the scale of
-    each component irrelevant, which is the whitening. The same layers as `Net`, 864 of their
-    184,234 parameters frozen. Build it with `bench.build_net`, which calls `init_from_data`
-    with the training images: without that call it is a plain `Net`.
+    each component irrelevant, which is the whitening. The same layers as `SeparableNet`, 864 of
+    their 184,234 parameters frozen. Build it with `bench.build_net`, which calls
+    `init_from_data` with the training images: without that call it is a plain `SeparableNet`.
     """
 
     def init_from_data(self, images: np.ndarray) -> None:
@@ -117,7 +150,7 @@ class UnnormalisedWhitenedNet(WhitenedNet):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__(num_classes)
-        self.c1[0] = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, padding=1), nn.ReLU(inplace=True))
+        self.c1[0] = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True))
         nn.init.zeros_(self.c1[0][0].bias)  # the ReLU then splits each +/- filter pair at zero
 
     def filter_divisors(self, variances: torch.Tensor) -> torch.Tensor:

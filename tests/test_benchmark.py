@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader
 import benchmarks.bench
 import benchmarks.score
 import utils
-from benchmarks.baseline import BaselineNet
+from benchmarks.starting_net import StartingNet
 from benchmarks.bench import (
     _overrides, _run_folder, accuracy_run, build_net, chosen_nets, cuda_epoch_seconds,
     loader_epoch_seconds, multiply_adds, seed_cell, table,
 )
 from benchmarks.score import score
-from benchmarks.variants import ShallowNet, WideNet, patch_components
+from benchmarks.variants import ShallowSeparableNet, WideSeparableNet, patch_components
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters, receptive_field
 from transforms import normalize_images, train_transforms
@@ -38,13 +38,13 @@ def test_multiply_adds_of_one_conv_match_the_hand_count() -> None:
 
 
 def test_the_previous_net_costs_fewer_multiply_adds_than_the_starting_net_and_net_more() -> None:
-    shallow, theirs = multiply_adds(ShallowNet()), multiply_adds(BaselineNet())
+    shallow, theirs = multiply_adds(ShallowSeparableNet()), multiply_adds(StartingNet())
     assert shallow < theirs <= STARTING_NET_MACS < multiply_adds(Net())
     assert count_parameters(Net()) < 200_000
 
 
 def test_the_rebuilt_starting_net_matches_its_description() -> None:
-    net = BaselineNet()
+    net = StartingNet()
     assert all(row.passed for row in check_brief(net))
     widths = {m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)}
     assert widths == {44}
@@ -55,7 +55,7 @@ def test_table_puts_both_nets_side_by_side() -> None:
     result = {
         "nets": {
             "Net": {"parameters": 194410, "multiply_adds": 32_564_480, "cpu_train_images_per_s": 802},
-            "BaselineNet": {"parameters": 179266, "multiply_adds": 36_659_832, "cpu_train_images_per_s": 690},
+            "StartingNet": {"parameters": 179266, "multiply_adds": 36_659_832, "cpu_train_images_per_s": 690},
         },
         "accuracy": [
             {"net": "Net", "seed": 0, "epochs": 30, "train_images": 4153, "test_images": 1017,
@@ -69,7 +69,7 @@ def test_table_puts_both_nets_side_by_side() -> None:
         "cuda": "skipped: no CUDA device",
     }
     lines = table(result).splitlines()
-    assert lines[0] == "| metric | Net | BaselineNet |"
+    assert lines[0] == "| metric | Net | StartingNet |"
     assert "| multiply-adds / image | 32.56 M | 36.66 M |" in lines
     assert "| test acc, final (%) | 72.07 | - |" in lines
     assert "| test acc, final, moving average of weights (%) | 71.50 | - |" in lines
@@ -90,7 +90,7 @@ def test_seed_cell_lists_each_seed_then_the_mean() -> None:
 
 
 def test_the_previous_net_meets_the_brief_with_fewer_layers_and_a_smaller_receptive_field() -> None:
-    shallow = ShallowNet()
+    shallow = ShallowSeparableNet()
     assert all(row.passed for row in check_brief(shallow))
     assert count_parameters(shallow) == 194_410 > count_parameters(Net())
     assert receptive_field(shallow) == 51 < receptive_field(Net())
@@ -98,21 +98,21 @@ def test_the_previous_net_meets_the_brief_with_fewer_layers_and_a_smaller_recept
 
 
 def test_the_previous_net_draws_the_initial_weights_it_drew_as_net() -> None:
-    # Pinned from `Net` at commit 1d7fc4d: the sweep's `--nets ShallowNet` commands repeat
+    # Pinned from `Net` at commit 1d7fc4d: the sweep's `--nets ShallowSeparableNet` commands repeat
     # their runs only if a seed still gives those exact weights.
     torch.manual_seed(0)
-    total = sum(p.double().abs().sum().item() for p in ShallowNet().parameters())
+    total = sum(p.double().abs().sum().item() for p in ShallowSeparableNet().parameters())
     assert total == pytest.approx(6715.061831973027, rel=1e-12)
 
 
 def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:
-    wide = WideNet()
+    wide = WideSeparableNet()
     assert all(row.passed for row in check_brief(wide))
     assert count_parameters(wide) == 197_866
     assert wide.head[1].in_channels == 192
     assert Net().head[1].in_channels == 128
-    assert multiply_adds(ShallowNet()) < multiply_adds(wide) < 1.01 * multiply_adds(ShallowNet())
-    assert count_parameters(WideNet(width=193)) < 200_000 < count_parameters(WideNet(width=194))
+    assert multiply_adds(ShallowSeparableNet()) < multiply_adds(wide) < 1.01 * multiply_adds(ShallowSeparableNet())
+    assert count_parameters(WideSeparableNet(width=193)) < 200_000 < count_parameters(WideSeparableNet(width=194))
 
 
 def test_the_whitened_candidate_freezes_filters_that_decorrelate_patches() -> None:
@@ -169,8 +169,8 @@ def test_a_benchmark_run_whitens_with_its_training_images_only(monkeypatch) -> N
 
 def test_quick_mode_times_net_unless_other_nets_are_named() -> None:
     assert chosen_nets(None, quick=True) == ["Net"]
-    assert chosen_nets(["ShallowNet"], quick=True) == ["ShallowNet"]
-    assert chosen_nets(None, quick=False) == ["Net", "BaselineNet"]
+    assert chosen_nets(["ShallowSeparableNet"], quick=True) == ["ShallowSeparableNet"]
+    assert chosen_nets(None, quick=False) == ["Net", "StartingNet"]
 
 
 def test_the_cuda_timing_trains_the_named_net_at_the_run_batch_size(monkeypatch) -> None:
@@ -185,11 +185,11 @@ def test_the_cuda_timing_trains_the_named_net_at_the_run_batch_size(monkeypatch)
     monkeypatch.setattr(benchmarks.bench, "fit", fake_fit)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**20)
-    run = cuda_epoch_seconds(synthetic_cifar10(64, seed=0), "ShallowNet", 128, True, workers=0,
+    run = cuda_epoch_seconds(synthetic_cifar10(64, seed=0), "ShallowSeparableNet", 128, True, workers=0,
                              augment={"rotate": 5.0})
-    assert seen == {"net": "ShallowNet", "batch": 128, "device": "cuda", "images": 50_000,
+    assert seen == {"net": "ShallowSeparableNet", "batch": 128, "device": "cuda", "images": 50_000,
                     "transform": repr(train_transforms(rotate=5.0))}
-    assert (run["net"], run["batch_size"], run["steady_epoch_seconds"]) == ("ShallowNet", 128, 2.0)
+    assert (run["net"], run["batch_size"], run["steady_epoch_seconds"]) == ("ShallowSeparableNet", 128, 2.0)
 
 
 def test_the_loader_timing_draws_whole_epochs_with_the_runs_augmentation(monkeypatch) -> None:

@@ -1,9 +1,12 @@
 """The network meets the brief, and the brief checks catch a network that does not."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from benchmarks.bench import NETS
 from model import (
     MAX_PARAMETERS,
     Net,
@@ -163,3 +166,27 @@ def test_model_summary_is_the_torchsummary_table() -> None:
     text = model_summary(Net())
     assert f"Total params: {count_parameters(Net()):,}" in text
     assert "Conv2d" in text and "AdaptiveAvgPool2d" in text
+
+
+def measured_receptive_field(net: nn.Module, side: int = 192) -> int:
+    """Rows of input pixels whose gradient reaches the centre unit of C4's output map.
+
+    On a copy with every weight made positive and a positive input, every activation is
+    positive, so no ReLU blocks a path: each pixel that can reach the unit does.
+    """
+    net = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.abs_()
+    image = torch.rand(1, 3, side, side, requires_grad=True)
+    features = net.c4(net.c3(net.c2(net.c1(image))))
+    centre = features.shape[-1] // 2
+    features[0, :, centre, centre].sum().backward()
+    rows = image.grad[0].abs().sum(dim=(0, 2)).nonzero().flatten()
+    return int(rows.max() - rows.min() + 1)
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_receptive_field_matches_the_pixels_that_reach_one_output(name: str) -> None:
+    net = NETS[name]()
+    assert receptive_field(net) == measured_receptive_field(net)

@@ -91,7 +91,7 @@ def test_committed_outputs_come_from_a_full_run_on_full_cifar10() -> None:
     assert "synthetic" not in data_report
     assert "CIFAR-10 python batches" in data_report
     assert "50,000 training and 10,000 test images" in data_report
-    assert "smoke run: False" in stored_output("config = TrainConfig(")
+    assert "smoke run: False" in stored_output("check_accelerator(")
     summary = stored_output("history.summary(")
     assert "(epoch 60)" in summary, "the stored run trained the notebook's default 60 epochs"
     assert "of 10,000 test images misclassified" in stored_output("misclassified(")

@@ -13,7 +13,7 @@ from model import ConvBNReLU, SeparableConvBNReLU
 WIDTH = 44
 
 
-class BaselineNet(nn.Module):
+class StartingNet(nn.Module):
     """The all-44-channel starting network (logits out)."""
 
     def __init__(self, num_classes: int = 10) -> None:
