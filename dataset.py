@@ -59,7 +59,7 @@ _NUMERIC_MODULES = ("numpy.core.numeric", "numpy._core.numeric")
 # opcodes (10,000 labels, 10,000 filenames; numpy scalars as labels take ~8 opcodes each).
 MAX_BATCH_BYTES = 64 * 2**20
 _MAX_OPCODES = 200_000
-_MAX_STACK = 4_096  # pickle appends list items in runs of 1,000
+_MAX_STACK = 2 * BATCH_IMAGES  # all of a batch's labels or filenames may be on it at once
 _MAX_MARKS = 16  # a batch nests: dict > array state > dtype state
 _MAX_DICT_ENTRIES = 64  # a batch is one dict of 4 entries
 _MAX_INT_BITS = 64

@@ -488,6 +488,34 @@ def test_batches_of_every_protocol_by_numpy_1_or_2_read_alike(
         assert read_images.shape == (len(saved), 32, 32, 3) and read_labels.dtype == np.int64
 
 
+def official_layout(rows: np.ndarray, labels: np.ndarray) -> bytes:
+    """A batch pickled as the official files are (Python 2, protocol 2): each list in one run."""
+    def text(value: bytes) -> bytes:  # SHORT_BINSTRING
+        return b"U" + bytes([len(value)]) + value
+
+    return b"".join([
+        b"\x80\x02}(", text(b"batch_label"), text(b"training batch 1 of 5"), text(b"labels"),
+        b"](", b"".join(b"K" + bytes([int(v)]) for v in labels), b"e", text(b"data"),
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85", text(b"b"),
+        b"\x87R(K\x01M", struct.pack("<H", len(rows)), b"M\x00\x0c\x86cnumpy\ndtype\n", text(b"u1"),
+        b"K\x00K\x01\x87R(K\x03", text(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T",
+        struct.pack("<I", rows.nbytes), rows.tobytes(), b"tb", text(b"filenames"), b"](",
+        b"".join(text(b"img_%05d.png" % i) for i in range(len(rows))), b"eu.",
+    ])
+
+
+def test_a_full_batch_in_the_official_layout_reads(tmp_path: Path) -> None:
+    # 10,000 labels, then 10,000 filenames, each list appended in one run: 10,000 objects on
+    # the pickle stack at once, as in the official files (and shared/cifar10-jpeg/build.py's).
+    labels = np.arange(dataset.BATCH_IMAGES) % len(CLASSES)
+    rows = np.repeat(labels.astype(np.uint8)[:, None], IMAGE, axis=1)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(official_layout(rows, labels))
+    images, read_labels = read_batch(path)
+    np.testing.assert_array_equal(read_labels, labels)
+    assert images.shape == (10_000, 32, 32, 3) and (images[:, 0, 0, 0] == labels).all()
+
+
 def test_dataset_imports_and_reads_without_numpy_2s_core_module(cifar_root: Path) -> None:
     # numpy 1.x has numpy.core but no numpy._core. transforms comes first because torch and
     # OpenCV need numpy._core on numpy 2; dataset.py itself must not.
