@@ -208,61 +208,83 @@ def _brief(value: object) -> str:
 def _scan_pickle(content: bytes) -> None:
     """Refuse a pickle that costs more than a batch could, before any of it is unpickled.
 
-    Walks the opcodes as the unpickler would, tracking only the stack's shape: the opcodes
-    themselves, how many, how deep the stack and its marks, how large the integers and dict
-    entries, and which memo entries exist. The unpickler then has no way to allocate more than
-    a small multiple of the file's size, or to spend more than linear time on it.
+    Walks the opcodes as the unpickler would, tracking only the stack's shape (`_PickleShape`),
+    so the unpickler then cannot allocate more than a small multiple of the file's size, nor
+    spend more than linear time on it.
     """
-    stack: list[bool] = []  # per entry: is it a list, dict or tuple that the file built
-    marks: list[int] = []
-    memo: dict[int, bool] = {}
-    dict_entries = 0
+    shape = _PickleShape()
     for count, (opcode, arg, _) in enumerate(pickletools.genops(content), start=1):
-        name = opcode.name
-        if name not in _BATCH_OPCODES:
-            raise _NotABatch(f"pickle opcode {name}, which no CIFAR-10 batch uses")
+        if opcode.name not in _BATCH_OPCODES:
+            raise _NotABatch(f"pickle opcode {opcode.name}, which no CIFAR-10 batch uses")
         if count > _MAX_OPCODES:
             raise _NotABatch(f"more than {_MAX_OPCODES:,} pickle opcodes; a batch has ~40,000")
-        if name == "LONG1" and arg.bit_length() > _MAX_INT_BITS:
+        if opcode.name == "LONG1" and arg.bit_length() > _MAX_INT_BITS:
             raise _NotABatch(f"an integer of {arg.bit_length()} bits; a batch's fit in 64")
-        if name == "MARK":
-            marks.append(len(stack))
-        elif pickletools.markobject in opcode.stack_before:  # TUPLE, APPENDS, SETITEMS
-            if not marks:
-                raise _NotABatch(f"{name} without a MARK before it")
-            start = marks.pop()
-            if name == "SETITEMS":
-                dict_entries += (len(stack) - start) // 2
-            del stack[start:]
-        if name == "SETITEM":
-            dict_entries += 1
-        popped = len(opcode.stack_before) - 2 * (pickletools.markobject in opcode.stack_before)
-        if len(stack) < popped:
-            raise _NotABatch(f"{name} finds too few objects on the stack")
-        below = stack[len(stack) - popped] if popped else False
-        del stack[len(stack) - popped :]
+        shape.apply(opcode, arg)
+    if shape.stack or shape.marks:
+        raise _NotABatch("objects left on the stack after its end")
+
+
+@dataclass
+class _PickleShape:
+    """The unpickler's state as `_scan_pickle` tracks it: the stack's shape, marks and memo.
+
+    A stack entry is True for a list, dict or tuple that the file built: the memo may share
+    anything else (strings, numbers, numpy objects), but containers shared nest exponentially
+    and a batch shares none.
+    """
+
+    stack: list[bool] = field(default_factory=list)
+    marks: list[int] = field(default_factory=list)
+    memo: dict[int, bool] = field(default_factory=dict)
+    dict_entries: int = 0
+
+    def apply(self, opcode: pickletools.OpcodeInfo, arg: object) -> None:
+        """Apply one opcode's effect on the stack, memo and counts; refuse one beyond a batch's."""
+        name = opcode.name
+        below = self._pop_arguments(opcode)
         if "GET" in name:
-            if memo.get(arg, True):  # missing, or a container
+            if self.memo.get(arg, True):
                 raise _NotABatch(
                     f"{name} {arg} reads a memo entry that is missing or holds a list, dict or "
                     "tuple: a batch shares none, and shared containers nest exponentially"
                 )
-            stack.append(False)
+            self.stack.append(False)
         elif opcode.stack_after:
-            stack.append(below if name in _UPDATE_OPCODES else name in _CONTAINER_OPCODES)
+            self.stack.append(below if name in _UPDATE_OPCODES else name in _CONTAINER_OPCODES)
         if "PUT" in name or name == "MEMOIZE":
-            index = len(memo) if name == "MEMOIZE" else arg
-            if not stack or index > len(memo):
-                raise _NotABatch(f"{name} {index} skips memo entries (the memo holds {len(memo)})")
-            memo[index] = stack[-1]
-        if len(stack) > _MAX_STACK or len(marks) > _MAX_MARKS or dict_entries > _MAX_DICT_ENTRIES:
+            index = len(self.memo) if name == "MEMOIZE" else arg
+            if not self.stack or index > len(self.memo):
+                raise _NotABatch(f"{name} {index} skips memo entries (it holds {len(self.memo)})")
+            self.memo[index] = self.stack[-1]
+        if (len(self.stack) > _MAX_STACK or len(self.marks) > _MAX_MARKS
+                or self.dict_entries > _MAX_DICT_ENTRIES):
             raise _NotABatch(
-                f"{len(stack):,} objects on the stack, {len(marks)} nested marks, {dict_entries} "
-                f"dict entries: a batch, one flat dict, needs at most {_MAX_STACK:,}, "
-                f"{_MAX_MARKS} and {_MAX_DICT_ENTRIES}"
+                f"{len(self.stack):,} objects on the stack, {len(self.marks)} nested marks, "
+                f"{self.dict_entries} dict entries: a batch, one flat dict, needs at most "
+                f"{_MAX_STACK:,}, {_MAX_MARKS} and {_MAX_DICT_ENTRIES}"
             )
-    if stack or marks:
-        raise _NotABatch("objects left on the stack after its end")
+
+    def _pop_arguments(self, opcode: pickletools.OpcodeInfo) -> bool:
+        """Pop `opcode`'s arguments (down to its mark), count dict entries; the deepest popped."""
+        name = opcode.name
+        if name == "MARK":
+            self.marks.append(len(self.stack))
+        elif pickletools.markobject in opcode.stack_before:  # TUPLE, APPENDS, SETITEMS
+            if not self.marks:
+                raise _NotABatch(f"{name} without a MARK before it")
+            start = self.marks.pop()
+            if name == "SETITEMS":
+                self.dict_entries += (len(self.stack) - start) // 2
+            del self.stack[start:]
+        if name == "SETITEM":
+            self.dict_entries += 1
+        count = len(opcode.stack_before) - 2 * (pickletools.markobject in opcode.stack_before)
+        if len(self.stack) < count:
+            raise _NotABatch(f"{name} finds too few objects on the stack")
+        popped = self.stack[len(self.stack) - count :]
+        del self.stack[len(self.stack) - count :]
+        return popped[0] if popped else False
 
 
 def _as_bytes(raw: str | bytes | bytearray) -> bytes | bytearray:

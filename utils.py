@@ -841,10 +841,12 @@ def _check_weights_fit(path: Path, weights: dict, model: nn.Module, fix: str) ->
 
 
 def _check_saved_finite(path: Path, content: dict, fix: str) -> None:
-    """Refuse checkpoint content with a NaN or an infinity, which `_save_checkpoint` never writes."""
+    """Refuse checkpoint content with a NaN or an infinity: `_save_checkpoint` writes none."""
     bad = _first_non_finite(content)
     if bad is not None:
-        raise CheckpointError(f"{path} holds NaN or infinite values in {bad}, which fit never saves. {fix}")
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {bad}, which fit never saves. {fix}"
+        )
 
 
 def _check_scaler_state(path: Path, scaler: dict) -> None:
@@ -855,10 +857,12 @@ def _check_scaler_state(path: Path, scaler: dict) -> None:
             f"{path} holds an incomplete GradScaler state (no {', '.join(missing)}). {_RESUME_FIX}"
         )
     wrong = [k for k in _SCALER_KEYS if k in scaler and not _is_number(scaler[k])]
-    if wrong or scaler and scaler["scale"] <= 0:
+    if scaler and not wrong and scaler["scale"] <= 0:
+        wrong = ["scale"]
+    if wrong:
         raise CheckpointError(
-            f"{path} holds a GradScaler state whose {', '.join(wrong) or 'scale'} is no finite "
-            f"number (the scale a positive one). {_RESUME_FIX}"
+            f"{path} holds a GradScaler state with a bad {', '.join(wrong)} (each must be a "
+            f"finite number, the scale a positive one). {_RESUME_FIX}"
         )
 
 
@@ -940,7 +944,7 @@ def _learning_rates_at(scheduler: torch.optim.lr_scheduler.OneCycleLR, steps: in
 
 
 def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Each per-parameter optimizer tensor (momentum) whose shape or dtype is not its parameter's."""
+    """Each per-parameter optimizer tensor (momentum) unlike its parameter in shape or dtype."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     problems = []
     for index, entry in saved.items():
@@ -988,7 +992,8 @@ def _differences(saved: object, now: object, name: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(now, dict):
         return [d for k, v in now.items() for d in _differences(saved.get(k), v, _join(name, k))]
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-        return [d for i, pair in enumerate(zip(saved, now)) for d in _differences(*pair, _join(name, i))]
+        pairs = enumerate(zip(saved, now))
+        return [d for i, (a, b) in pairs for d in _differences(a, b, _join(name, i))]
     if _same_value(saved, now):
         return []
     return [f"{name} ({saved!r:.60} in the checkpoint, {now!r:.60} now)"]

@@ -349,7 +349,7 @@ def test_load_weights_refuses_another_network_before_copying_any_weight(
         (lambda c: c.update(scaler={"scale": float("inf"), "growth_factor": 2.0,
                                     "backoff_factor": 0.5, "growth_interval": 2000,
                                     "_growth_tracker": 0}),
-         r"GradScaler state whose scale is no finite number"),
+         r"GradScaler state with a bad scale \(each must be a finite number"),
     ],
 )
 def test_a_refused_resume_loads_nothing(
