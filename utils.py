@@ -1250,9 +1250,8 @@ def fit(
         device: defaults to `get_device()`.
         checkpoint_dir: if given, `last.pt` and `history.json` are written there atomically
             after every epoch, never with a NaN or infinity in them (and `best.pt`, see
-            `val_loader`).
-            The run holds `checkpoint_dir/run.lock` while it trains: a second run there is
-            refused (FolderInUseError), and a lock whose process has ended is taken over.
+            `val_loader`). The run holds `checkpoint_dir/run.lock` meanwhile: a second run
+            there is refused (FolderInUseError); a lock whose process has ended is taken over.
         resume: continue from `checkpoint_dir/last.pt` when it exists (after checking it is
             the same recipe, data and network, and intact). Otherwise an earlier run's files
             there are moved into a new `previous-<time>` subfolder, never overwritten.
