@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
+import pickletools
+import stat
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -46,6 +49,35 @@ _MULTIARRAY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
 # The dtypes a batch's arrays and numpy-scalar labels may have (numpy's pickled spelling).
 _NUMBER_TYPES = frozenset(("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"))
 _BYTE_ORDERS = ("<", ">", "|", "=")
+# How a pickle holds raw bytes: Python 2's text, bytes, protocol 5's in-band bytearray.
+_RAW_TYPES = (str, bytes, bytearray)
+# Pickle protocol 5 stores an array as numpy's _frombuffer(buffer, dtype, shape, order).
+_NUMERIC_MODULES = ("numpy.core.numeric", "numpy._core.numeric")
+
+# What a batch file may cost, checked before it is unpickled: an official batch is ~31 MB (up
+# to 62 MB pickled by Python 3 with protocol 2, which stores bytes as UTF-8 text) and ~40,000
+# opcodes (10,000 labels, 10,000 filenames; numpy scalars as labels take ~8 opcodes each).
+MAX_BATCH_BYTES = 64 * 2**20
+_MAX_OPCODES = 200_000
+_MAX_STACK = 2 * BATCH_IMAGES  # all of a batch's labels or filenames may be on it at once
+_MAX_MARKS = 16  # a batch nests: dict > array state > dtype state
+_MAX_DICT_ENTRIES = 64  # a batch is one dict of 4 entries
+_MAX_INT_BITS = 64
+_MAX_DIMS = 64  # numpy's own limit on an array's dimensions
+# Every opcode that pickle protocols 2 to 5 use for a batch: Python 2's (the official files),
+# and Python 3's with numpy 1.x or 2.x. Sets, frozensets, floats, text-protocol opcodes,
+# NEWOBJ and out-of-band buffers are not among them.
+_BATCH_OPCODES = frozenset((
+    "PROTO", "FRAME", "STOP", "MARK", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "TUPLE",
+    "TUPLE1", "TUPLE2", "TUPLE3", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "BINPUT",
+    "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET", "GLOBAL", "STACK_GLOBAL", "REDUCE",
+    "BUILD", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1",
+    "SHORT_BINSTRING", "BINSTRING", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+    "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8",
+))
+_CONTAINER_OPCODES = frozenset(("EMPTY_DICT", "EMPTY_LIST", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"))
+# Opcodes that change the object below their arguments and leave it on the stack.
+_UPDATE_OPCODES = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "MEMOIZE"))
 
 
 class CIFAR10FormatError(ValueError):
@@ -95,10 +127,10 @@ class _BatchUnpickler(pickle.Unpickler):
     that stretch a few bytes over gigabytes, or that read raw bytes as object pointers.
     """
 
-    def __init__(self, file: BinaryIO, size: int) -> None:
-        """Read from `file`, which holds `size` bytes."""
-        super().__init__(file, encoding="latin1")
-        self._bytes_left = size  # no real batch decodes to more bytes than its file holds
+    def __init__(self, content: bytes) -> None:
+        """Read the pickle `content`, which `_scan_pickle` has checked."""
+        super().__init__(io.BytesIO(content), encoding="latin1")
+        self._bytes_left = len(content)  # no real batch decodes to more bytes than its file holds
 
     def find_class(self, module: str, name: str) -> object:
         """Resolve only the globals a CIFAR-10 batch needs; refuse everything else."""
@@ -106,17 +138,21 @@ class _BatchUnpickler(pickle.Unpickler):
         # attributes on a class or a function, so one file could change how the next is read.
         allowed = {
             ("_codecs", "encode"): self._encode,
+            # protocol 2 pickles b"" (an empty array's bytes) as bytes(); Python 2 names it so
+            ("__builtin__", "bytes"): self._empty_bytes,
+            ("builtins", "bytes"): self._empty_bytes,
             ("numpy", "dtype"): self._dtype,
             ("numpy", "ndarray"): self._ndarray,
             **{(m, "_reconstruct"): self._reconstruct for m in _MULTIARRAY_MODULES},
             **{(m, "scalar"): self._scalar for m in _MULTIARRAY_MODULES},
+            **{(m, "_frombuffer"): self._frombuffer for m in _NUMERIC_MODULES},
         }
         try:
             return allowed[(module, name)]
         except KeyError:
             raise _NotABatch(
-                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, "
-                "lists, strings and numbers"
+                f"refusing to load {_brief(module)}.{_brief(name)}: a CIFAR-10 batch holds only "
+                "numpy arrays, lists, strings and numbers"
             ) from None
 
     def _encode(self, text: object, encoding: object) -> bytes:
@@ -124,13 +160,17 @@ class _BatchUnpickler(pickle.Unpickler):
         if type(text) is not str or encoding not in ("latin1", "latin-1"):
             # other codecs turn a few bytes into many (hex doubles them, and nests)
             raise _NotABatch(
-                f"refusing _codecs.encode({type(text).__name__}, {encoding!r:.40}): a CIFAR-10 "
+                f"refusing _codecs.encode({type(text).__name__}, {_brief(encoding)}): a CIFAR-10 "
                 "batch only uses it to store bytes as latin1 text"
             )
         self._bytes_left -= len(text)
         if self._bytes_left < 0:
             raise _NotABatch("refusing to decode more bytes than the file holds")
         return text.encode("latin1")
+
+    def _empty_bytes(self) -> bytes:
+        """bytes() with no arguments, as protocol 2 pickles b"": nothing else is accepted."""
+        return b""
 
     def _dtype(self, spec: object, align: object = False, copy: object = False) -> _DtypeStub:
         """numpy.dtype(spec, align, copy) as a stub."""
@@ -139,6 +179,12 @@ class _BatchUnpickler(pickle.Unpickler):
     def _reconstruct(self, subtype: object, shape: object, dtype: object) -> _ArrayStub:
         """numpy's empty start for a pickled array; its real shape and bytes arrive by BUILD."""
         return _ArrayStub()
+
+    def _frombuffer(
+        self, buffer: object, dtype: object, shape: object, order: object
+    ) -> _ArrayStub:
+        """numpy's protocol-5 array, as the stub of the state protocol 2 would have set."""
+        return _ArrayStub((1, shape, dtype, order != "C", buffer))
 
     def _scalar(self, dtype: object, raw: object) -> _ScalarStub:
         """numpy's pickled scalar as a stub."""
@@ -152,7 +198,96 @@ class _BatchUnpickler(pickle.Unpickler):
         )
 
 
-def _as_bytes(raw: str | bytes) -> bytes:
+def _brief(value: object) -> str:
+    """File data for a message, bounded: a string's first 40 characters, else a type's name."""
+    if isinstance(value, str):
+        return value if len(value) <= 40 else f"{value[:40]}..."
+    return f"a {type(value).__name__}"
+
+
+def _scan_pickle(content: bytes) -> None:
+    """Refuse a pickle that costs more than a batch could, before any of it is unpickled.
+
+    Walks the opcodes as the unpickler would, tracking only the stack's shape (`_PickleShape`),
+    so the unpickler then cannot allocate more than a small multiple of the file's size, nor
+    spend more than linear time on it.
+    """
+    shape = _PickleShape()
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(content), start=1):
+        if opcode.name not in _BATCH_OPCODES:
+            raise _NotABatch(f"pickle opcode {opcode.name}, which no CIFAR-10 batch uses")
+        if count > _MAX_OPCODES:
+            raise _NotABatch(f"more than {_MAX_OPCODES:,} pickle opcodes; a batch has ~40,000")
+        if opcode.name == "LONG1" and arg.bit_length() > _MAX_INT_BITS:
+            raise _NotABatch(f"an integer of {arg.bit_length()} bits; a batch's fit in 64")
+        shape.apply(opcode, arg)
+    if shape.stack or shape.marks:
+        raise _NotABatch("objects left on the stack after its end")
+
+
+@dataclass
+class _PickleShape:
+    """The unpickler's state as `_scan_pickle` tracks it: the stack's shape, marks and memo.
+
+    A stack entry is True for a list, dict or tuple that the file built: the memo may share
+    anything else (strings, numbers, numpy objects), but containers shared nest exponentially
+    and a batch shares none.
+    """
+
+    stack: list[bool] = field(default_factory=list)
+    marks: list[int] = field(default_factory=list)
+    memo: dict[int, bool] = field(default_factory=dict)
+    dict_entries: int = 0
+
+    def apply(self, opcode: pickletools.OpcodeInfo, arg: object) -> None:
+        """Apply one opcode's effect on the stack, memo and counts; refuse one beyond a batch's."""
+        name = opcode.name
+        below = self._pop_arguments(opcode)
+        if "GET" in name:
+            if self.memo.get(arg, True):
+                raise _NotABatch(
+                    f"{name} {arg} reads a memo entry that is missing or holds a list, dict or "
+                    "tuple: a batch shares none, and shared containers nest exponentially"
+                )
+            self.stack.append(False)
+        elif opcode.stack_after:
+            self.stack.append(below if name in _UPDATE_OPCODES else name in _CONTAINER_OPCODES)
+        if "PUT" in name or name == "MEMOIZE":
+            index = len(self.memo) if name == "MEMOIZE" else arg
+            if not self.stack or index > len(self.memo):
+                raise _NotABatch(f"{name} {index} skips memo entries (it holds {len(self.memo)})")
+            self.memo[index] = self.stack[-1]
+        if (len(self.stack) > _MAX_STACK or len(self.marks) > _MAX_MARKS
+                or self.dict_entries > _MAX_DICT_ENTRIES):
+            raise _NotABatch(
+                f"{len(self.stack):,} objects on the stack, {len(self.marks)} nested marks, "
+                f"{self.dict_entries} dict entries: a batch, one flat dict, needs at most "
+                f"{_MAX_STACK:,}, {_MAX_MARKS} and {_MAX_DICT_ENTRIES}"
+            )
+
+    def _pop_arguments(self, opcode: pickletools.OpcodeInfo) -> bool:
+        """Pop `opcode`'s arguments (down to its mark), count dict entries; the deepest popped."""
+        name = opcode.name
+        if name == "MARK":
+            self.marks.append(len(self.stack))
+        elif pickletools.markobject in opcode.stack_before:  # TUPLE, APPENDS, SETITEMS
+            if not self.marks:
+                raise _NotABatch(f"{name} without a MARK before it")
+            start = self.marks.pop()
+            if name == "SETITEMS":
+                self.dict_entries += (len(self.stack) - start) // 2
+            del self.stack[start:]
+        if name == "SETITEM":
+            self.dict_entries += 1
+        count = len(opcode.stack_before) - 2 * (pickletools.markobject in opcode.stack_before)
+        if len(self.stack) < count:
+            raise _NotABatch(f"{name} finds too few objects on the stack")
+        popped = self.stack[len(self.stack) - count :]
+        del self.stack[len(self.stack) - count :]
+        return popped[0] if popped else False
+
+
+def _as_bytes(raw: str | bytes | bytearray) -> bytes | bytearray:
     """Pickled array bytes: Python 2 batches hold them as text, read as latin1."""
     return raw.encode("latin1") if isinstance(raw, str) else raw
 
@@ -188,18 +323,27 @@ def _array(stub: object) -> np.ndarray:
         raise _NotABatch("an array whose pickled state is not numpy's (shape, dtype, C order)")
     _, shape, dtype_stub, _, raw = state
     dtype = _plain_dtype(dtype_stub)
-    size = math.prod(shape) * dtype.itemsize
-    if size > BATCH_IMAGES * IMAGE_BYTES:
-        raise _NotABatch(
-            f"an array of shape {shape!r:.60} ({size} bytes): more than a batch of "
-            f"{BATCH_IMAGES} images holds"
-        )
-    if not isinstance(raw, (str, bytes)) or len(raw) != size:
-        held = len(raw) if isinstance(raw, (str, bytes)) else 0
+    size = _byte_count(shape, dtype)
+    if not isinstance(raw, _RAW_TYPES) or len(raw) != size:
+        held = len(raw) if isinstance(raw, _RAW_TYPES) else 0
         raise _NotABatch(
             f"an array of shape {shape!r:.60} needs {size} bytes but the file holds {held} for it"
         )
     return np.frombuffer(_as_bytes(raw), dtype).reshape(shape)
+
+
+def _byte_count(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """The bytes an array of `shape` holds, refused beyond a batch's before it is multiplied out."""
+    limit = BATCH_IMAGES * IMAGE_BYTES
+    if len(shape) > _MAX_DIMS:
+        raise _NotABatch(f"an array of {len(shape)} dimensions; numpy allows {_MAX_DIMS}")
+    # each side is bounded before the product: one of many huge sides takes quadratic time
+    size = math.prod(shape) * dtype.itemsize if max(shape, default=0) <= limit else None
+    if size is None or size > limit:
+        raise _NotABatch(
+            f"an array of shape {shape!r:.60}: more than a batch of {BATCH_IMAGES} images holds"
+        )
+    return size
 
 
 def _label(value: object) -> int | np.generic:
@@ -208,7 +352,7 @@ def _label(value: object) -> int | np.generic:
         return value
     if isinstance(value, _ScalarStub):
         dtype = _plain_dtype(value.dtype)
-        if isinstance(value.raw, (str, bytes)) and len(value.raw) == dtype.itemsize:
+        if isinstance(value.raw, _RAW_TYPES) and len(value.raw) == dtype.itemsize:
             return np.frombuffer(_as_bytes(value.raw), dtype)[0]
     raise _NotABatch(f"a label of type {type(value).__name__}; CIFAR-10 labels are integers")
 
@@ -222,12 +366,54 @@ def _labels(value: object) -> np.ndarray:
     return np.array([_label(x) for x in value])
 
 
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """All the bytes of `path`, which must be a regular file of at most `limit` bytes.
+
+    A directory, FIFO or device is refused unread (a FIFO would block, /dev/zero never ends).
+    Raises OSError when `path` cannot be opened or read, ValueError for any other refusal.
+    """
+    # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"it is {_file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"it holds {info.st_size:,} bytes, more than the {limit:,} allowed")
+        with open(fd, "rb", closefd=False) as file:
+            content = file.read(info.st_size + 1)
+    finally:
+        os.close(fd)
+    if len(content) > info.st_size:
+        raise ValueError("it grew while it was read (is something still writing it?)")
+    return content
+
+
+def _file_kind(mode: int) -> str:
+    """What a stat mode says a file is, in words."""
+    kinds = {
+        stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one python batch file into (uint8 N x 32 x 32 x 3 images, int64 N labels)."""
     fix = f"Delete {path.parent} and download CIFAR-10 again (load_cifar10(root, download=True))."
     try:
-        with open(path, "rb") as f:
-            batch = _BatchUnpickler(f, os.fstat(f.fileno()).st_size).load()
+        content = read_regular_file(path, MAX_BATCH_BYTES)
+    except OSError as err:
+        raise CIFAR10FormatError(
+            f"{path}: cannot read this batch ({err.strerror or err}). Check that it exists and "
+            f"that you may read it; else: {fix}"
+        ) from err
+    except ValueError as err:
+        raise CIFAR10FormatError(f"{path}: not a CIFAR-10 batch file ({err}). {fix}") from err
+    try:
+        _scan_pickle(content)
+        batch = _BatchUnpickler(content).load()
         return _images_and_labels(batch, path)
     except CIFAR10FormatError:
         raise
@@ -294,9 +480,11 @@ def load_cifar10(
     Any folder in the python-batch format works, including one with fewer batches or fewer
     images per batch. Every present batch of the split is read.
     """
-    folder = Path(root) / BATCH_FOLDER
+    folder = batch_folder(root)
     names = TRAIN_BATCHES if train else TEST_BATCHES
-    if not any((folder / name).is_file() for name in names):
+    # Any entry by a batch's name counts (a directory, a dangling link): read_batch names
+    # what is wrong with it, where skipping it would silently train on fewer images.
+    if not any(os.path.lexists(folder / name) for name in names):
         if not download:
             raise FileNotFoundError(
                 f"No CIFAR-10 {'training' if train else 'test'} batches in {folder}. "
@@ -304,11 +492,22 @@ def load_cifar10(
                 f"contains {BATCH_FOLDER}/."
             )
         _download(Path(root))
-    paths = [folder / name for name in names if (folder / name).is_file()]
+    paths = [folder / name for name in names if os.path.lexists(folder / name)]
     parts = [read_batch(path) for path in paths]
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts])
     return images, labels
+
+
+def batch_folder(root: str | os.PathLike) -> Path:
+    """`root/cifar-10-batches-py`, after refusing a `root` (or batch folder) that is a file."""
+    for path in (Path(root), Path(root) / BATCH_FOLDER):
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(
+                f"{path} is a file, not a folder. Point root (S9_DATA in the notebook) at the "
+                f"folder that holds {BATCH_FOLDER}/, or at a new folder to download CIFAR-10 into."
+            )
+    return Path(root) / BATCH_FOLDER
 
 
 @dataclass
@@ -350,7 +549,7 @@ def load_splits(
     # Any batch counts: a folder with half the batches is an error to name, not a reason to
     # swap real images for synthetic ones.
     on_disk = root is not None and any(
-        (Path(root) / BATCH_FOLDER / name).is_file() for name in (*TRAIN_BATCHES, *TEST_BATCHES)
+        os.path.lexists(batch_folder(root) / name) for name in (*TRAIN_BATCHES, *TEST_BATCHES)
     )
     if synthetic_fallback and not on_disk and not download:
         images, labels = synthetic_cifar10(6000, seed=0)

@@ -6,6 +6,7 @@ Transforms take an HxWx3 uint8 image and return a normalised 3xHxW float tensor.
 
 from __future__ import annotations
 
+import json
 import os
 
 # albumentations 2.x asks PyPI for a newer release on import; offline that only costs time.
@@ -79,6 +80,21 @@ def train_transforms(
 def test_transforms() -> A.Compose:
     """Deterministic evaluation transform: normalise and convert to a tensor."""
     return A.Compose(_normalize_to_tensor())
+
+
+def describe_transform(transform: object) -> object:
+    """A JSON-ready description of an augmentation: each transform and its parameters.
+
+    Pipelines described alike augment alike for the same seed (the seed is not part of it).
+    Any other callable is described by its name alone (a function's, else its type's).
+    """
+    if transform is None:
+        return None
+    if isinstance(transform, (A.BaseCompose, A.BasicTransform)):
+        description = A.to_dict(transform)["transform"]
+    else:
+        description = getattr(transform, "__qualname__", type(transform).__qualname__)
+    return json.loads(json.dumps(description, default=repr))  # tuples as lists, as JSON has them
 
 
 def seed_transform(transform: object, seed: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import io
 import json
@@ -13,9 +14,11 @@ import os
 import pickle
 import random
 import re
+import socket
 import tempfile
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dataset import CLASSES, seed_epoch
-from transforms import denormalize
+from dataset import CLASSES, read_regular_file, seed_epoch
+from transforms import denormalize, describe_transform
 
 
 def get_device() -> torch.device:
@@ -171,10 +174,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Refuse a recipe that would fail mid-run, naming each bad field and its valid range."""
+        wrong_types = _wrong_types(self)
+        if wrong_types:
+            raise TypeError(
+                f"invalid TrainConfig: {'; '.join(wrong_types)}. Pass values of those types "
+                "(TrainConfig() holds the measured recipe)."
+            )
         rules = (
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("max_lr", self.max_lr > 0, "> 0"),
+            # SGD applies the learning rate as a float32: a larger one fails inside torch
+            ("max_lr", 0 < self.max_lr <= _FLOAT32_MAX, f"in (0, {_FLOAT32_MAX:.3g}]"),
             # OneCycleLR divides by the annealing phase's length: 1.0 fails on the last batch.
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"),
             ("div_factor", self.div_factor > 0, "> 0"),
@@ -187,16 +197,40 @@ class TrainConfig:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no moving average)"),
             ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
-            ("seed", self.seed >= 0, ">= 0 (numpy's generators refuse negative seeds)"),
+            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32) (numpy's seeds)"),
         )
-        problems = [
-            f"{name}={getattr(self, name)!r} must be {rule}" for name, ok, rule in rules if not ok
+        infinite = [f.name for f in dataclasses.fields(self)
+                    if f.type == "float" and not math.isfinite(getattr(self, f.name))]
+        problems = [f"{name}={getattr(self, name)!r} must be finite" for name in infinite] + [
+            f"{name}={getattr(self, name)!r} must be {rule}"
+            for name, ok, rule in rules if not ok and name not in infinite
         ]
         if problems:
             raise ValueError(
                 f"invalid TrainConfig: {'; '.join(problems)}. Pass values in those ranges "
                 "(TrainConfig() holds the measured recipe)."
             )
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# The exact types each annotation of a TrainConfig field accepts: a bool is an int to Python
+# but no count, and numpy numbers would make checkpoints that weights_only loading refuses.
+_FIELD_TYPES = {
+    "bool": ((bool,), "a bool (True or False)"),
+    "int": ((int,), "an int"),
+    "float": ((int, float), "a number (an int or a float)"),
+}
+
+
+def _wrong_types(config: TrainConfig) -> list[str]:
+    """Each field of `config` whose value is not of its annotated type, with the type it needs."""
+    wrong = []
+    for spec in dataclasses.fields(config):
+        types, kind = _FIELD_TYPES.get(spec.type, (None, ""))
+        value = getattr(config, spec.name)
+        if types is not None and type(value) not in types:
+            wrong.append(f"{spec.name}={value!r:.40} must be {kind}, not {type(value).__name__}")
+    return wrong
 
 
 @dataclass
@@ -282,36 +316,151 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: empty, cut short, foreign, or from a different run."""
 
 
+class FolderInUseError(RuntimeError):
+    """Another run holds the checkpoint folder: two runs in one folder overwrite each other."""
+
+
 # The files of one run in a checkpoint folder: a new run moves them aside, never overwrites them.
 _RUN_FILES = ("last.pt", "best.pt", "history.json")
-_WRITE_PROBE = ".write-check"
+# Held by the run that uses a checkpoint folder: the process id, its host and its start.
+_LOCK = "run.lock"
+# The fallback torch.save raises when its writes fail (a full disk, say).
+_TORCH_WRITE_FAILED = "PytorchStreamWriter failed"
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write through a temporary file and rename, so a crash never leaves half a file.
+
+    A failed write (a full disk, say) raises an OSError that names the file and the fix.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) or _TORCH_WRITE_FAILED in str(err):
+            full = not isinstance(err, OSError) or err.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = "the disk is full" if full else err.strerror or str(err)
+            raise OSError(
+                f"could not write {path} ({reason}); the files written before are untouched. "
+                f"{'Free some disk space' if full else 'Fix that'} (or pass another "
+                "checkpoint_dir), then run again with resume=True."
+            ) from err
         raise
 
 
-def _prepare_folder(folder: Path) -> None:
-    """Create `folder`, prove checkpoints can be written there, drop a killed run's temp files."""
+@contextlib.contextmanager
+def _folder_lock(folder: Path | None) -> Iterator[None]:
+    """Hold `folder`'s lock while the body runs (nothing without a folder): one run per folder."""
+    if folder is None:
+        yield
+        return
+    lock = folder / _LOCK
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
+    _take_lock(lock, record)
     try:
-        _atomic_write(folder / _WRITE_PROBE, lambda f: f.write(b"ok"))
-        (folder / _WRITE_PROBE).unlink()
+        yield
+    finally:
+        if _lock_record(lock) == record:  # a lock taken over meanwhile is no longer this run's
+            lock.unlink()
+
+
+def _take_lock(lock: Path, record: str) -> None:
+    """Create `lock` holding `record`; take over a stale lock, refuse a live run's."""
+    if _create_lock(lock, record):
+        return
+    holder = _lock_holder(lock)
+    if not _is_stale(holder):
+        raise FolderInUseError(
+            f"{lock.parent} is in use by another run ({_describe_holder(holder)}, per {lock}): two "
+            f"runs in one folder overwrite each other's checkpoints. Pass another checkpoint_dir; "
+            f"or, if that run has ended (its process gone, say with its Colab VM), delete {lock} "
+            "and run again."
+        )
+    print(f"Taking over {lock}: its run ({_describe_holder(holder)}) has ended")
+    lock.unlink(missing_ok=True)
+    if not _create_lock(lock, record):
+        raise FolderInUseError(
+            f"{lock.parent} was taken by another run ({_describe_holder(_lock_holder(lock))}) "
+            "just now. Pass another checkpoint_dir."
+        )
+
+
+def _create_lock(lock: Path, record: str) -> bool:
+    """Create `lock` holding `record` unless it exists; False if it does."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+        except OSError:
+            lock.unlink()  # an empty lock would look like a live run's to the next one
+            raise
+        return True
     except OSError as err:
         raise OSError(
-            f"cannot write checkpoints to {folder} ({err.strerror or err}). Pass a checkpoint_dir "
-            "you can write to, or fix that folder's permissions."
+            f"cannot write checkpoints to {lock.parent} ({err.strerror or err}). Pass a "
+            "checkpoint_dir you can write to, or fix that folder's permissions."
         ) from err
-    for name in (*_RUN_FILES, _WRITE_PROBE):
-        for orphan in folder.glob(f".{name}.*"):  # left by _atomic_write when killed mid-write
+
+
+def _lock_record(lock: Path) -> str | None:
+    """The text of `lock`, or None if it cannot be read (gone, or not a small regular file)."""
+    try:
+        return read_regular_file(lock, 4096).decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_holder(lock: Path) -> dict:
+    """The pid, host and start that `lock` records; empty if it records none (being written?)."""
+    try:
+        holder = json.loads(_lock_record(lock) or "")
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(holder: dict) -> str:
+    """The run a lock names, in words."""
+    if not holder:
+        return "its lock file is empty or unreadable: being written, or left by a crash"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+
+
+def _is_stale(holder: dict) -> bool:
+    """Whether a lock's run has certainly ended: a process of this host that is gone."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
+        return False  # another machine's processes cannot be checked
+    if os.name != "posix":
+        return False  # os.kill(pid, 0) would end the process on Windows
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, run by another user
+        return False
+    return False
+
+
+def _drop_orphans(folder: Path) -> None:
+    """Delete the temporary files `_atomic_write` left when a run was killed mid-write.
+
+    Only the lock's holder calls this: no other run can be writing them.
+    """
+    for name in _RUN_FILES:
+        for orphan in folder.glob(f".{name}.*"):
             orphan.unlink(missing_ok=True)
 
 
@@ -524,6 +673,8 @@ class _TrainState:
     # Training-set size, steps per epoch and the scored splits: a resume must see the same.
     data: dict[str, int | str]
     ema: WeightAverage | None = None
+    # What else decides the result (see `_run_setup`): a resume elsewhere does not repeat the run.
+    setup: dict[str, object] = field(default_factory=dict)
 
 
 # torch's warning when a scheduler's first step finds no optimizer step before it.
@@ -541,8 +692,10 @@ _ADDED_FIELDS = {"ema_decay": 0.0, "ema_warmup": False, "anneal": "linear", "opt
 # torch.load reports an empty, cut-short or foreign file as any of these.
 _UNREADABLE = (
     EOFError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError,
-    pickle.UnpicklingError,
+    pickle.UnpicklingError, zipfile.BadZipFile,
 )
+# Far more than a checkpoint of this project's nets (a few MB) or any net a CPU trains.
+_MAX_CHECKPOINT_BYTES = 2**30
 _RESUME_FIX = (
     "Delete it, or pass resume=False to start a new run (the folder's run is then moved aside, "
     "not deleted)."
@@ -560,11 +713,22 @@ def _save_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
         "config": dataclasses.asdict(config),
         "data": state.data,
         "ema": state.ema.module.state_dict() if state.ema is not None else {},
+        "setup": state.setup,
     }
     bad = _first_non_finite(payload)
     if bad is not None:
         raise NonFiniteLossError(f"refusing to write {path}: its {bad} holds NaN or infinities.")
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    with _checksummed_saves():
+        _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _checksummed_saves() -> contextlib.AbstractContextManager:
+    """torch.save writing each record's CRC-32, which loading checks, whatever torch's setting."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch before 2.5 always writes it
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": True})
 
 
 def _first_non_finite(value: object, name: str = "") -> str | None:
@@ -588,9 +752,13 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     """torch.load a checkpoint written by `fit`, refusing an empty, cut-short or foreign file."""
     # Read first: a missing or unreadable file keeps its own OSError, and torch.load of the
     # bytes then fails only for what they hold (from a path, some cuts raise OSError too).
-    content = io.BytesIO(path.read_bytes())
     try:
-        payload = torch.load(content, map_location="cpu", weights_only=True)
+        content = read_regular_file(path, _MAX_CHECKPOINT_BYTES)
+    except ValueError as err:
+        raise CheckpointError(f"{path} cannot be a checkpoint: {err}. {fix}") from err
+    try:
+        payload = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+        damaged = _record_failing_its_crc(content)
     except _UNREADABLE as err:
         lines = str(err).strip().splitlines()
         reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
@@ -598,6 +766,11 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
             f"{path} is not a readable checkpoint ({reason}): it is empty, cut short (killed while "
             f"being written or copied?) or not a torch file. {fix}"
         ) from err
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is corrupt: its record {damaged} no longer matches the CRC-32 checksum it "
+            f"was saved with (a bit changed on disk or in a copy). {fix}"
+        )
     entries = payload if isinstance(payload, dict) else {}
     missing = [k for k in keys if not isinstance(entries.get(k), dict)]
     if missing:
@@ -616,6 +789,18 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     return payload
 
 
+def _record_failing_its_crc(content: bytes) -> str | None:
+    """The first record of a torch.save zip whose bytes fail its CRC-32, or None if all match.
+
+    torch.save stores every record (the pickle, each tensor's bytes) uncompressed with its
+    CRC-32, and torch.load never checks them; a compressed record (no torch file has one) fails
+    too, as unpacking it could cost far more than the file's size.
+    """
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        return packed[0] if packed else archive.testzip()
+
+
 def _check_same_run(
     path: Path, payload: dict, data: dict[str, int | str], config: TrainConfig
 ) -> None:
@@ -626,11 +811,9 @@ def _check_same_run(
         # Without a moving average on one side, its warm-up is no further difference.
         saved.pop("ema_warmup", None)
         wanted.pop("ema_warmup", None)
-    differences = [
-        f"{key} ({saved.get(key)!r} in the checkpoint, {value!r} now)"
-        for key, value in wanted.items()
-        if key not in _FREE_FIELDS and saved.get(key) != value
-    ]
+    for key in _FREE_FIELDS:
+        wanted.pop(key)
+    differences = _differences(saved, wanted)
     if differences:
         raise CheckpointError(
             f"{path} holds a different run: {'; '.join(differences)}. Resume with the same config, "
@@ -640,23 +823,35 @@ def _check_same_run(
 
 
 def _check_weights_fit(path: Path, weights: dict, model: nn.Module, fix: str) -> None:
-    """Refuse weights whose names or shapes differ from `model`'s, before any is copied in."""
+    """Refuse weights whose names, shapes or dtypes differ from `model`'s, before any loads."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
+    present = [k for k in expected if k in weights]
     reshaped = [
-        k for k in expected
-        if k in weights
-        and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k].shape)
+        k for k in present
+        if not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k].shape
     ]
+    # load_state_dict would cast an int64 or complex tensor silently
+    retyped = [k for k in present if k not in reshaped and weights[k].dtype != expected[k].dtype]
     problems = [
         f"{label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-        for label, names in (("missing", missing), ("extra", unexpected), ("other shape", reshaped))
+        for label, names in (("missing", missing), ("extra", unexpected),
+                             ("other shape", reshaped), ("other dtype", retyped))
         if names
     ]
     if problems:
         raise CheckpointError(
             f"{path} holds the weights of a different network ({'; '.join(problems)}). {fix}"
+        )
+
+
+def _check_saved_finite(path: Path, content: dict, fix: str) -> None:
+    """Refuse checkpoint content with a NaN or an infinity: `_save_checkpoint` writes none."""
+    bad = _first_non_finite(content)
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {bad}, which fit never saves. {fix}"
         )
 
 
@@ -667,9 +862,164 @@ def _check_scaler_state(path: Path, scaler: dict) -> None:
         raise CheckpointError(
             f"{path} holds an incomplete GradScaler state (no {', '.join(missing)}). {_RESUME_FIX}"
         )
+    wrong = [k for k in _SCALER_KEYS if k in scaler and not _is_number(scaler[k])]
+    if scaler and not wrong and scaler["scale"] <= 0:
+        wrong = ["scale"]
+    if wrong:
+        raise CheckpointError(
+            f"{path} holds a GradScaler state with a bad {', '.join(wrong)} (each must be a "
+            f"finite number, the scale a positive one). {_RESUME_FIX}"
+        )
 
 
-def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> None:
+def _is_number(value: object) -> bool:
+    """Whether `value` is a finite int or float (not a bool)."""
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _check_history(path: Path, history: History, data: dict, config: TrainConfig) -> None:
+    """Refuse a history longer than the run, or whose lists disagree with its epoch count."""
+    lists = history.to_dict()
+    bad = [name for name, values in lists.items()
+           if not isinstance(values, list) or not all(_is_number(v) for v in values)]
+    epochs = len(history.seconds) if "seconds" not in bad else 0
+    scored = str(data["scored"]).split("+")
+    lengths = {"train_loss": epochs, "train_acc": epochs, "lr": epochs, "seconds": epochs,
+               "batch_lr": epochs * data["steps_per_epoch"]}
+    for split in ("val", "test"):
+        lengths[f"{split}_loss"] = lengths[f"{split}_acc"] = epochs if split in scored else 0
+        lengths[f"ema_{split}_acc"] = lengths[f"{split}_acc"] if config.ema_decay > 0 else 0
+    problems = [f"{name} is no list of finite numbers" for name in bad] + [
+        f"{name} has {len(lists[name])} entries, not {length}"
+        for name, length in lengths.items() if name not in bad and len(lists[name]) != length
+    ]
+    if epochs > config.epochs:
+        problems.append(f"{epochs} epochs, more than config.epochs={config.epochs}")
+    if problems:
+        raise CheckpointError(
+            f"{path} holds a history this run cannot have ({'; '.join(problems)}). {_RESUME_FIX}"
+        )
+
+
+def _check_optimizer_and_schedule(
+    path: Path, payload: dict, state: _TrainState, epochs: int
+) -> None:
+    """Refuse an optimizer or scheduler state other than this run's after `epochs` epochs.
+
+    `state` is fresh: its scheduler moved on by the run's steps gives the learning rates that
+    the optimizer must hold, and every other setting (momentum, weight decay, the schedule's
+    shape) must be as it is now; the momentum buffers must fit their parameters.
+    """
+    steps = epochs * state.data["steps_per_epoch"]
+    saved_schedule = payload["scheduler"]
+    if type(saved_schedule.get("last_epoch")) is not int or saved_schedule["last_epoch"] != steps:
+        problems = [f"scheduler.last_epoch ({saved_schedule.get('last_epoch')!r:.20} in the "
+                    f"checkpoint, {steps} after {epochs} epochs)"]
+    else:
+        lrs = _learning_rates_at(state.scheduler, steps)
+        schedule = {**state.scheduler.state_dict(), "last_epoch": steps, "_last_lr": lrs}
+        groups = [{**group, "lr": lr}
+                  for group, lr in zip(state.optimizer.state_dict()["param_groups"], lrs)]
+        saved_groups = payload["optimizer"]["param_groups"]
+        # Only the entries both sides have: another torch version may add or drop some.
+        problems = _differences(saved_schedule, _shared(schedule, saved_schedule), "scheduler") + [
+            difference
+            for i, (saved, group) in enumerate(zip(saved_groups, groups))
+            for difference in _differences(saved, _shared(group, saved), f"param_groups.{i}")
+        ]
+    problems += _buffer_problems(payload["optimizer"]["state"], state.optimizer)
+    if problems:
+        raise CheckpointError(
+            f"{path} holds an optimizer or scheduler state that this run does not reach in "
+            f"{epochs} epochs: {'; '.join(problems)}. {_RESUME_FIX}"
+        )
+
+
+def _shared(entries: dict, other: dict) -> dict:
+    """The entries of `entries` whose keys `other` has, but for a step count that only warns."""
+    return {k: v for k, v in entries.items() if k in other and k != "_step_count"}
+
+
+def _learning_rates_at(scheduler: torch.optim.lr_scheduler.OneCycleLR, steps: int) -> list[float]:
+    """The learning rate of each parameter group after `steps` steps of `scheduler`."""
+    probe = copy.deepcopy(scheduler)  # with its own copy of the optimizer
+    probe.last_epoch = steps
+    with warnings.catch_warnings():  # get_lr warns when called outside step(): here it is read
+        warnings.simplefilter("ignore", UserWarning)
+        return probe.get_lr()
+
+
+def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Each per-parameter optimizer tensor (momentum) unlike its parameter in shape or dtype."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    problems = []
+    for index, entry in saved.items():
+        if type(index) is not int or not 0 <= index < len(params) or not isinstance(entry, dict):
+            problems.append(f"state for parameter {index!r:.20}, which this network lacks")
+            continue
+        param = params[index]
+        problems += [
+            f"{key} of parameter {index} is no {param.dtype} tensor of shape "
+            f"{tuple(param.shape)}"
+            for key, value in entry.items()
+            if value is not None and not (
+                isinstance(value, torch.Tensor) and value.dtype == param.dtype
+                and value.shape in (param.shape, ())  # () for a step count (Adam's)
+            )
+        ]
+    return problems
+
+
+def _check_same_setup(path: Path, payload: dict, setup: dict, allow_other_setup: bool) -> None:
+    """Refuse (or, if allowed, report) a resume whose setup would change the run's result."""
+    if "setup" not in payload:
+        print(f"{path} predates records of the setup (augmentation, threads, loader workers, "
+              "device, precision): resuming without checking that they are the same")
+        return
+    differences = _differences(payload["setup"], setup)
+    if differences and allow_other_setup:
+        print(f"Resuming {path} in another setup ({'; '.join(differences)}): the run goes on, "
+              "but no longer repeats an uninterrupted one.")
+    elif differences:
+        raise CheckpointError(
+            f"{path} was trained in another setup: {'; '.join(differences)}. Resumed so, the run "
+            "would not repeat an uninterrupted one. Resume with the same augmentation, torch "
+            "threads, loader workers, device and precision; or pass allow_other_setup=True to "
+            "continue anyway; or resume=False to start a new run (the old one is moved aside)."
+        )
+
+
+def _differences(saved: object, now: object, name: str = "") -> list[str]:
+    """'name (saved in the checkpoint, now now)' for each entry of `now` that `saved` differs in.
+
+    Dicts are compared key by key (the keys of `now`: one only saved is no longer used) and
+    lists of equal length item by item, so a nested difference is named by its path.
+    """
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k, v in now.items() for d in _differences(saved.get(k), v, _join(name, k))]
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        pairs = enumerate(zip(saved, now))
+        return [d for i, (a, b) in pairs for d in _differences(a, b, _join(name, i))]
+    if _same_value(saved, now):
+        return []
+    return [f"{name} ({saved!r:.60} in the checkpoint, {now!r:.60} now)"]
+
+
+def _same_value(saved: object, now: object) -> bool:
+    """Equality of two checkpoint entries, where a tensor equals only itself, a bool only a bool."""
+    if torch.is_tensor(saved) or torch.is_tensor(now):
+        return saved is now
+    return (type(saved) is bool) == (type(now) is bool) and saved == now
+
+
+def _join(name: str, key: object) -> str:
+    """A dotted path: `name.key`, or `key` at the top."""
+    return f"{name}.{key}" if name else str(key)
+
+
+def _load_checkpoint(
+    path: Path, state: _TrainState, config: TrainConfig, allow_other_setup: bool = False
+) -> None:
     """Restore `state` from `path`, all or nothing: every check passes before anything loads."""
     payload = _read_checkpoint(path, _CHECKPOINT_KEYS, _RESUME_FIX)
     _check_same_run(path, payload, state.data, config)
@@ -682,6 +1032,7 @@ def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
             )
         _check_weights_fit(path, payload["ema"], state.ema.module, _RESUME_FIX)
     _check_scaler_state(path, payload["scaler"])
+    _check_saved_finite(path, payload, _RESUME_FIX)
     try:
         history = History(**payload["history"])
         # A trial load into a copy: a foreign optimizer state fails here, before any change.
@@ -690,6 +1041,9 @@ def _load_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
         raise CheckpointError(
             f"{path} holds a history or optimizer state this run cannot use ({err}). {_RESUME_FIX}"
         ) from err
+    _check_history(path, history, state.data, config)
+    _check_optimizer_and_schedule(path, payload, state, history.epochs)
+    _check_same_setup(path, payload, state.setup, allow_other_setup)
     state.model.load_state_dict(payload["model"])
     if state.ema is not None:
         state.ema.module.load_state_dict(payload["ema"])
@@ -864,11 +1218,15 @@ def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
     state.history.save(folder / "history.json")
 
 
-def _open_folder(folder: Path, state: _TrainState, config: TrainConfig, resume: bool) -> None:
-    """Check `folder` is writable; continue its run (resume) or move an earlier run aside."""
-    _prepare_folder(folder)
+def _open_folder(
+    folder: Path, state: _TrainState, config: TrainConfig, resume: bool, allow_other_setup: bool
+) -> None:
+    """Continue `folder`'s run (resume) or move an earlier run aside; the caller holds the lock."""
+    _drop_orphans(folder)
     if resume and (folder / "last.pt").exists():
-        _load_checkpoint(folder / "last.pt", state, config)
+        _load_checkpoint(folder / "last.pt", state, config, allow_other_setup)
+        # A kill between last.pt and history.json leaves the history an epoch behind.
+        state.history.save(folder / "history.json")
         return
     if resume:  # say so: in a fresh VM this usually means the checkpoints are elsewhere
         print(f"resume=True, but {folder} holds no last.pt: starting a new run")
@@ -886,6 +1244,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     val_loader: DataLoader | None = None,
+    allow_other_setup: bool = False,
 ) -> History:
     """Train `model` with the one-cycle recipe, evaluating after every epoch.
 
@@ -897,13 +1256,18 @@ def fit(
         device: defaults to `get_device()`.
         checkpoint_dir: if given, `last.pt` and `history.json` are written there atomically
             after every epoch, never with a NaN or infinity in them (and `best.pt`, see
-            `val_loader`).
+            `val_loader`). The run holds `checkpoint_dir/run.lock` meanwhile: a second run
+            there is refused (FolderInUseError); a lock whose process has ended is taken over.
         resume: continue from `checkpoint_dir/last.pt` when it exists (after checking it is
-            the same recipe, data and network). Otherwise an earlier run's files there are
-            moved into a new `previous-<time>` subfolder, never overwritten.
+            the same recipe, data and network, and intact). Otherwise an earlier run's files
+            there are moved into a new `previous-<time>` subfolder, never overwritten.
         progress: show tqdm bars and the one-line epoch summaries.
         val_loader: a validation split, scored after every epoch. Only with it is `best.pt`
             written: the weights of the epoch with the best validation accuracy.
+        allow_other_setup: resume even where the setup differs from the checkpoint's (the
+            augmentation, torch threads, loader workers, device or autocast precision): the
+            run then goes on but no longer repeats an uninterrupted one. Without it such a
+            resume is refused, each difference named.
 
     Returns:
         The run's History (the resumed one, extended, when resuming).
@@ -949,12 +1313,12 @@ def fit(
             WeightAverage(model, config.ema_decay, warmup=config.ema_warmup)
             if config.ema_decay > 0 else None
         ),
+        setup=_run_setup(train_loader, device, config),
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if folder is not None:
-        _open_folder(folder, state, config, resume)
-
-    with _cudnn_autotuning(device):
+    with _folder_lock(folder), _cudnn_autotuning(device):
+        if folder is not None:
+            _open_folder(folder, state, config, resume, allow_other_setup)
         for epoch in range(state.history.epochs + 1, config.epochs + 1):
             try:
                 _run_epoch(state, train_loader, scored, device, config, epoch, progress)
@@ -964,6 +1328,20 @@ def fit(
                 advice = _divergence_advice(config, folder, epoch - 1)
                 raise NonFiniteLossError(f"{err} {advice}") from None
     return state.history
+
+
+def _run_setup(loader: DataLoader, device: torch.device, config: TrainConfig) -> dict[str, object]:
+    """What decides a run's result besides its recipe and data: a resume must find the same."""
+    half = half_dtype(device) if config.mixed_precision else None
+    return {
+        "augmentation": describe_transform(getattr(loader.dataset, "transform", None)),
+        # These change which kernels run and how they add up floats: other weights.
+        "torch_threads": torch.get_num_threads(),
+        "device": device.type,
+        "autocast": str(half or torch.float32),
+        # Each worker draws its own augmentation stream.
+        "loader_workers": loader.num_workers,
+    }
 
 
 @contextlib.contextmanager
@@ -1011,8 +1389,10 @@ def _summary(history: History, epochs: int) -> str:
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the model weights of a checkpoint written by `fit` (tensors only: weights_only)."""
     path = Path(path)
-    payload = _read_checkpoint(path, ("model",), "Pass a last.pt or best.pt written by fit.")
+    fix = "Pass a last.pt or best.pt written by fit."
+    payload = _read_checkpoint(path, ("model",), fix)
     _check_weights_fit(path, payload["model"], model, "Load it into the network that wrote it.")
+    _check_saved_finite(path, payload["model"], fix)
     model.load_state_dict(payload["model"])
     return model
 

@@ -235,8 +235,8 @@ def _run_folder(
 ) -> Path:
     """The checkpoint subfolder of one run, named by everything that defines it.
 
-    `fit` refuses a checkpoint of another TrainConfig, but not of other augmentation or data:
-    a folder per run definition keeps one sweep row from resuming another's weights.
+    `fit` refuses a checkpoint of another TrainConfig or augmentation, but not of other data of
+    the same size: a folder per run definition keeps one sweep row from resuming another's weights.
     """
     spec = {
         "config": _changed(_FOLDER_NAME_BASE, config),  # a new field at its default keeps the name

@@ -261,6 +261,18 @@ def test_score_reports_the_saved_weights_on_test_and_training_images(
     assert (result["test_images"], result["train_images"]) == (10, 20)
 
 
+def test_score_refuses_a_checkpoint_with_non_finite_weights(tmp_path: Path) -> None:
+    # It scored them: 9.38%, as if the net were merely untrained.
+    images, labels = synthetic_cifar10(30, seed=1)
+    write_cifar_folder(tmp_path, images, labels, slice(0, 20), slice(20, 30))
+    weights = Net().state_dict()
+    weights["head.1.weight"][3, 7] = float("nan")
+    torch.save({"model": weights}, tmp_path / "best.pt")
+    with pytest.raises(utils.CheckpointError, match=r"best\.pt holds NaN or infinite values in "
+                                                    r"head\.1\.weight"):
+        score(tmp_path / "best.pt", str(tmp_path), workers=0, device=torch.device("cpu"))
+
+
 def test_score_of_a_validation_run_needs_its_split_and_scores_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

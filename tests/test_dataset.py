@@ -6,6 +6,9 @@ import hashlib
 import http.server
 import os
 import pickle
+import pickletools
+import re
+import struct
 import subprocess
 import sys
 import tarfile
@@ -13,7 +16,7 @@ import threading
 import tracemalloc
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +106,60 @@ def test_truncated_batch_is_reported_with_its_path(cifar_root: Path) -> None:
     with pytest.raises(CIFAR10FormatError, match="truncated or corrupt") as err:
         load_cifar10(cifar_root)
     assert str(path) in str(err.value)
+
+
+UNREADABLE: dict[str, tuple[Callable[[Path], object], str]] = {
+    "directory": (lambda path: path.mkdir(), "it is a directory, not a regular file"),
+    "fifo": (os.mkfifo, r"it is a FIFO \(named pipe\), not a regular file"),
+    "link-to-dev-zero": (lambda path: path.symlink_to("/dev/zero"), "it is a character device"),
+    "dangling-link": (lambda path: path.symlink_to(path.parent / "gone"), "No such file"),
+    "over-the-size-limit": (lambda path: path.write_bytes(b"\0" * (dataset.MAX_BATCH_BYTES + 1)),
+                            "more than the 67,108,864 allowed"),
+}
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_a_batch_that_is_no_readable_file_is_named_not_skipped(cifar_root: Path, kind: str) -> None:
+    # Skipped before (is_file() was False): training then silently used fewer images.
+    make, reason = UNREADABLE[kind]
+    path = cifar_root / BATCH_FOLDER / "data_batch_2"
+    path.unlink()
+    make(path)
+    with pytest.raises(CIFAR10FormatError, match=reason) as err:
+        load_cifar10(cifar_root)
+    assert str(path) in str(err.value) and "download CIFAR-10 again" in str(err.value)
+
+
+def test_a_batch_that_may_not_be_read_is_named_with_the_fix(
+    cifar_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = cifar_root / BATCH_FOLDER / "data_batch_2"
+
+    def denied(opener: Callable) -> Callable:
+        """`opener`, failing as a file without read permission does (even for root)."""
+        def open_(file, *args, **kwargs):
+            if str(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(file))
+            return opener(file, *args, **kwargs)
+        return open_
+
+    monkeypatch.setattr(os, "open", denied(os.open))
+    monkeypatch.setattr("builtins.open", denied(open))
+    with pytest.raises(CIFAR10FormatError, match=r"cannot read this batch \(Permission denied\)"
+                       r"\. Check that it exists and that you may read it") as err:
+        load_cifar10(cifar_root)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["download", "synthetic-fallback"])
+def test_a_data_folder_that_is_a_file_is_named_with_the_fix(tmp_path: Path, fallback: bool) -> None:
+    # S9_DATA naming a file: a bare NotADirectoryError from the download, or, with the
+    # smoke run's synthetic fallback, synthetic images in place of the data asked for.
+    data = tmp_path / "cifar.tar.gz"
+    data.write_bytes(b"not a folder")
+    with pytest.raises(NotADirectoryError, match=re.escape(
+            f"{data} is a file, not a folder. Point root (S9_DATA in the notebook) at the folder")):
+        load_splits(data, download=not fallback, synthetic_fallback=fallback)
 
 
 def test_data_of_the_wrong_shape_is_reported(tmp_path: Path) -> None:
@@ -272,6 +329,106 @@ def test_a_batch_claiming_an_impossible_string_names_the_file(tmp_path: Path) ->
     assert str(path) in str(err.value)
 
 
+# --- A batch file costs no more than its size: attacks refused before anything is unpickled. ---
+
+
+def refusal_and_peak(root: Path, content: bytes) -> tuple[CIFAR10FormatError, int]:
+    """Write `content` as root's data_batch_1; load_cifar10's refusal, and its peak allocation."""
+    path = root / BATCH_FOLDER / "data_batch_1"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CIFAR10FormatError) as err:
+            load_cifar10(root)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value)
+    return err.value, peak
+
+
+@pytest.mark.parametrize("index", [2**22, 2**27])
+def test_a_memo_index_beyond_the_memo_is_refused_without_allocating(
+    tmp_path: Path, index: int
+) -> None:
+    # 12 bytes: None, stored at memo index `index` (LONG_BINPUT). The unpickler sized and
+    # zero-filled a memo table of twice that many pointers first: 2**27 took 2 GiB.
+    error, peak = refusal_and_peak(tmp_path, b"\x80\x02Nr" + struct.pack("<I", index) + b".")
+    assert "skips memo entries" in str(error)
+    assert peak < 1_000_000
+    error, _ = refusal_and_peak(tmp_path, b"\x80\x02Nq\x00j" + struct.pack("<I", 5) + b".")
+    assert "missing" in str(error)  # LONG_BINGET of an entry never stored
+
+
+def nested_codec_argument(depth: int) -> bytes:
+    """_codecs.encode("x", lists x[i+1] = [x[i], x[i]], i < depth): 2**depth lists in ~10 bytes each."""
+    levels = b"".join(
+        b"](h" + bytes([i]) + b"h" + bytes([i]) + b"eq" + bytes([i + 1]) for i in range(depth)
+    )
+    return (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00x(]q\x00" + levels
+            + b"t\x86R.")  # the lists as one tuple: the encoding
+
+
+def test_containers_shared_through_the_memo_are_refused_before_they_nest(tmp_path: Path) -> None:
+    # 2**20 lists from 262 bytes; the refusal used to render the encoding whole before
+    # cutting its text to 40 characters (40 levels: MemoryError at 1.5 GB).
+    error, peak = refusal_and_peak(tmp_path, nested_codec_argument(20))
+    assert "holds a list, dict or tuple" in str(error)
+    assert peak < 1_000_000
+
+
+def test_a_refused_codec_argument_is_named_by_its_type_not_its_content(tmp_path: Path) -> None:
+    write_pickle(tmp_path, Call(codecs.encode, ("x", list(range(1000, 3000)))))
+    with pytest.raises(CIFAR10FormatError, match=r"_codecs\.encode\(str, a list\)") as err:
+        load_cifar10(tmp_path)
+    assert "1000" not in str(err.value)
+
+
+def test_a_shape_of_many_huge_sides_is_refused_before_it_is_multiplied_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The product of N sides of 2**62 grows to 62 N bits: quadratic time (2 MB of file: 40 min).
+    products = []
+    monkeypatch.setattr(dataset.math, "prod", lambda sides: products.append(len(sides)) or 0)
+    write_pickle(tmp_path, array_call((2**62,) * 1_000 + (0,), b""))
+    with pytest.raises(CIFAR10FormatError, match="1001 dimensions"):
+        load_cifar10(tmp_path)
+    assert products == []
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [[k * (2**61 - 1) for k in range(1, 5_000)], list(range(1_000))],
+    ids=["keys-that-hash-alike", "small-int-keys"],
+)
+def test_a_dict_beyond_a_batchs_is_refused_before_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: list[int]
+) -> None:
+    # Keys k * (2**61 - 1) all hash to 0: building the dict took quadratic time (519 KB: 8.6 s).
+    monkeypatch.setattr(dataset._BatchUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    path = write_pickle(tmp_path, dict.fromkeys(keys))
+    with pytest.raises(CIFAR10FormatError, match="bits|dict entries") as err:
+        load_cifar10(tmp_path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x80\x04(" + b"\x8f" * 200_000 + b"l.",  # empty sets: 216 bytes each from 1
+        b"\x80\x02]" + b"]a" * 300_000 + b".",  # empty lists, each appended to the first
+        b"\x80\x02(" + b"K\x00" * 300_000 + b"l.",  # small ints, in one list
+    ],
+    ids=["empty-sets", "empty-lists", "ints"],
+)
+def test_many_small_objects_are_refused_in_memory_bounded_by_the_file(
+    tmp_path: Path, content: bytes
+) -> None:
+    _, peak = refusal_and_peak(tmp_path, content)
+    assert peak < len(content) + 1_000_000  # the file, read once, and a little more
+
+
 def batch_with(field: str, opcodes: bytes) -> bytes:
     """A valid pickled one-image batch whose `field` is replaced by raw pickle opcodes."""
     images, labels = synthetic_cifar10(1)
@@ -292,20 +449,71 @@ def test_deeply_nested_lists_are_reported_with_the_path(tmp_path: Path, field: s
     assert str(path) in str(err.value)
 
 
-def test_batches_pickled_by_numpy_1_and_2_read_alike(tmp_path: Path) -> None:
+def as_numpy_1(pickled: bytes) -> bytes:
+    """A pickle by numpy 2 as numpy 1.26 writes it, numpy.core for numpy._core.
+
+    Checked against numpy 1.26.4: for protocols 2 to 5 the result equals its own pickle of the
+    same batch, once both are put through pickletools.optimize (which drops unused memo PUTs).
+    """
+    for module in (b"multiarray", b"numeric"):
+        old, new = b"numpy._core." + module, b"numpy.core." + module
+        pickled = pickled.replace(old + b"\n", new + b"\n")  # GLOBAL: protocols 2 and 3
+        pickled = pickled.replace(  # SHORT_BINUNICODE for STACK_GLOBAL: protocols 4 and 5
+            b"\x8c" + bytes([len(old)]) + old, b"\x8c" + bytes([len(new)]) + new
+        )
+    return pickletools.optimize(pickled)  # re-frames protocols 4 and 5 around the shorter names
+
+
+@pytest.mark.parametrize("numpy_version", ["numpy 2", "numpy 1.26"])
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_batches_of_every_protocol_by_numpy_1_or_2_read_alike(
+    tmp_path: Path, protocol: int, numpy_version: str
+) -> None:
+    # Protocol 5 pickles arrays as numpy's _frombuffer(bytearray, ...); protocol 2 pickles an
+    # empty array's b"" as bytes(). Both were refused as corrupt.
     images, labels = synthetic_cifar10(3)
-    path = tmp_path / BATCH_FOLDER / "data_batch_1"
-    write_batch(path, images, labels)
-    pickled = path.read_bytes()
-    numpy_2, numpy_1 = b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"
-    old, new = (numpy_2, numpy_1) if numpy_2 in pickled else (numpy_1, numpy_2)
-    renamed = pickled.replace(old, new)
-    assert renamed != pickled
-    for version in (pickled, renamed):
-        path.write_bytes(version)
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    path = tmp_path / "data_batch_1"
+    saved_labels = (labels.tolist(), list(labels), labels, np.zeros(0, np.int64))
+    for saved in saved_labels:  # ints, numpy ints, an int64 array, an empty array
+        batch_rows = rows[: len(saved)]
+        pickled = pickle.dumps({"data": batch_rows, "labels": saved}, protocol=protocol)
+        if numpy_version == "numpy 1.26":
+            pickled = as_numpy_1(pickled)
+            assert b"_core" not in pickled
+        path.write_bytes(pickled)
         read_images, read_labels = read_batch(path)
-        np.testing.assert_array_equal(read_images, images)
-        np.testing.assert_array_equal(read_labels, labels)
+        np.testing.assert_array_equal(read_images, images[: len(saved)])
+        np.testing.assert_array_equal(read_labels, np.asarray(saved))
+        assert read_images.shape == (len(saved), 32, 32, 3) and read_labels.dtype == np.int64
+
+
+def official_layout(rows: np.ndarray, labels: np.ndarray) -> bytes:
+    """A batch pickled as the official files are (Python 2, protocol 2): each list in one run."""
+    def text(value: bytes) -> bytes:  # SHORT_BINSTRING
+        return b"U" + bytes([len(value)]) + value
+
+    return b"".join([
+        b"\x80\x02}(", text(b"batch_label"), text(b"training batch 1 of 5"), text(b"labels"),
+        b"](", b"".join(b"K" + bytes([int(v)]) for v in labels), b"e", text(b"data"),
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85", text(b"b"),
+        b"\x87R(K\x01M", struct.pack("<H", len(rows)), b"M\x00\x0c\x86cnumpy\ndtype\n", text(b"u1"),
+        b"K\x00K\x01\x87R(K\x03", text(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T",
+        struct.pack("<I", rows.nbytes), rows.tobytes(), b"tb", text(b"filenames"), b"](",
+        b"".join(text(b"img_%05d.png" % i) for i in range(len(rows))), b"eu.",
+    ])
+
+
+def test_a_full_batch_in_the_official_layout_reads(tmp_path: Path) -> None:
+    # 10,000 labels, then 10,000 filenames, each list appended in one run: 10,000 objects on
+    # the pickle stack at once, as in the official files (and shared/cifar10-jpeg/build.py's).
+    labels = np.arange(dataset.BATCH_IMAGES) % len(CLASSES)
+    rows = np.repeat(labels.astype(np.uint8)[:, None], IMAGE, axis=1)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(official_layout(rows, labels))
+    images, read_labels = read_batch(path)
+    np.testing.assert_array_equal(read_labels, labels)
+    assert images.shape == (10_000, 32, 32, 3) and (images[:, 0, 0, 0] == labels).all()
 
 
 def test_dataset_imports_and_reads_without_numpy_2s_core_module(cifar_root: Path) -> None:

@@ -4,10 +4,18 @@ overwrites or corrupts a run; History, scoring and plots work."""
 import contextlib
 import copy
 import dataclasses
+import errno
 import io
+import json
 import os
 import re
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,9 +64,9 @@ CONFIG = TrainConfig(batch_size=32, max_lr=0.05, ema_decay=0.0, log_every=2)
 
 
 def loaders(n_train: int = 320, n_test: int = 100, batch_size: int = CONFIG.batch_size,
-            workers: int = 0):
+            workers: int = 0, augment: dict | None = None):
     images, labels = synthetic_cifar10(n_train + n_test, seed=0)
-    train = CIFAR10Dataset(images[:n_train], labels[:n_train], train_transforms())
+    train = CIFAR10Dataset(images[:n_train], labels[:n_train], train_transforms(**augment or {}))
     test = CIFAR10Dataset(images[n_train:], labels[n_train:], eval_transforms())
     return make_loaders(train, test, batch_size=batch_size, workers=workers, seed=CONFIG.seed)
 
@@ -73,13 +81,15 @@ def train(epochs: int, **kwargs) -> History:
 
 
 def tiny_fit(folder: Path | None, model: nn.Module | None = None, n_train: int = 64,
-             test: bool = True, resume: bool = False, **changes) -> History:
+             test: bool = True, resume: bool = False, augment: dict | None = None,
+             allow_other_setup: bool = False, **changes) -> History:
     """A fast run: 64 training images (2 steps of 32 per epoch), 20 test images, 1 epoch."""
     seed_everything(0)
     config = dataclasses.replace(CONFIG, **{"epochs": 1, **changes})
-    train_loader, test_loader = loaders(n_train, 20, config.batch_size)
+    train_loader, test_loader = loaders(n_train, 20, config.batch_size, augment=augment)
     return fit(model or Net(), train_loader, test_loader if test else None, config=config,
-               device="cpu", checkpoint_dir=folder, resume=resume, progress=False)
+               device="cpu", checkpoint_dir=folder, resume=resume, progress=False,
+               allow_other_setup=allow_other_setup)
 
 
 def test_training_learns_the_synthetic_classes() -> None:
@@ -226,6 +236,23 @@ def truncated(keep: int) -> Callable[[Path], object]:
     return write
 
 
+def flip_a_bit(content: bytes, record: str = "data/0") -> bytes:
+    """A torch.save zip with one bit flipped halfway through the bytes of `record`."""
+    archive = zipfile.ZipFile(io.BytesIO(content))
+    info = next(i for i in archive.infolist() if i.filename.endswith(f"/{record}"))
+    name_length, extra_length = struct.unpack("<HH", content[info.header_offset + 26:][:4])
+    start = info.header_offset + 30 + name_length + extra_length
+    flipped = bytearray(content)
+    flipped[start + info.file_size // 2] ^= 0x10
+    return bytes(flipped)
+
+
+def flipped_checkpoint(path: Path) -> None:
+    """Writes a checkpoint of Net's weights, then flips one bit in a tensor's bytes."""
+    torch.save({"model": Net().state_dict()}, path)
+    path.write_bytes(flip_a_bit(path.read_bytes()))
+
+
 BAD_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
     "zero bytes": (lambda path: path.write_bytes(b""), r"is not a readable checkpoint \(EOFError\)"),
     "truncated": (truncated(100_000), r"is not a readable checkpoint \(\w+"),
@@ -234,6 +261,12 @@ BAD_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
     "bare state_dict": (lambda path: torch.save(Net().state_dict(), path),
                         r"is not a checkpoint written by this version of fit: it has no 'model'"
                         r"[^.]* entr(y|ies)\. It looks like a bare state_dict, which loads with model.load_state_dict"),
+    "one flipped bit": (flipped_checkpoint, r"is corrupt: its record \S+/data/0 no longer matches "
+                        r"the CRC-32 checksum it was saved with \(a bit changed on disk or in a copy\)\."),
+    "a directory": (lambda path: path.mkdir(), "cannot be a checkpoint: it is a directory, not a regular file"),
+    "a FIFO": (os.mkfifo, r"cannot be a checkpoint: it is a FIFO \(named pipe\), not a regular file"),
+    "a link to /dev/zero": (lambda path: path.symlink_to("/dev/zero"),
+                            "cannot be a checkpoint: it is a character device, not a regular file"),
 }
 
 
@@ -258,6 +291,19 @@ def test_load_weights_refuses_a_bad_file_naming_it_and_the_fix(tmp_path: Path, k
         load_weights(Net(), tmp_path / "best.pt")
 
 
+def test_load_weights_refuses_non_finite_weights(tmp_path: Path, last_pt: bytes) -> None:
+    checkpoint = torch.load(io.BytesIO(last_pt), weights_only=True)
+    checkpoint["model"]["c2.0.body.0.0.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(checkpoint, tmp_path / "best.pt")
+    model = Net()
+    before = weights(model)
+    with pytest.raises(CheckpointError, match=r"best\.pt holds NaN or infinite values in "
+                       r"c2\.0\.body\.0\.0\.weight, which fit never saves\. Pass a last\.pt "
+                       r"or best\.pt written by fit"):
+        load_weights(model, tmp_path / "best.pt")
+    assert_same_weights(model, before)
+
+
 def test_load_weights_refuses_another_network_before_copying_any_weight(
     tmp_path: Path, last_pt: bytes
 ) -> None:
@@ -279,6 +325,31 @@ def test_load_weights_refuses_another_network_before_copying_any_weight(
         (lambda c: c.update(history=[]), "it has no 'history' entry"),
         (lambda c: c.update(history={"accuracy": [1.0]}), "history or optimizer state"),
         (lambda c: c["optimizer"].update(param_groups=[]), "history or optimizer state"),
+        # Checkpoints edited and saved again (so their checksums hold): each was resumed, or
+        # failed only after the caller's weights were overwritten.
+        (lambda c: c["scheduler"].update(last_epoch=10**6),
+         r"scheduler\.last_epoch \(1000000 in the checkpoint, 2 after 1 epochs\)"),
+        (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)),
+         r"momentum_buffer of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        (lambda c: c["optimizer"]["state"][1].update(momentum_buffer=torch.full((32,), float("nan"))),
+         r"NaN or infinite values in optimizer\.state\.1\.momentum_buffer, which fit never saves"),
+        (lambda c: [g.update(lr=100.0) for g in c["optimizer"]["param_groups"]],
+         r"param_groups\.0\.lr \(100\.0 in the checkpoint, -?0\.\d+ now\)"),
+        (lambda c: [g.update(momentum=0) for g in c["optimizer"]["param_groups"]],
+         r"param_groups\.0\.momentum \(0 in the checkpoint, 0\.9 now\)"),
+        (lambda c: c["history"].update(seconds=[1.0] * 99),
+         r"history this run cannot have \(.*99 epochs, more than config\.epochs=1\)"),
+        (lambda c: c["history"].update(test_acc=[]), r"test_acc has 0 entries, not 1"),
+        (lambda c: c["model"].update({"c1.0.0.weight": c["model"]["c1.0.0.weight"].long()}),
+         r"different network \(other dtype: c1\.0\.0\.weight\)"),
+        (lambda c: c["model"].update({"head.1.bias": c["model"]["head.1.bias"].to(torch.complex64)}),
+         r"different network \(other dtype: head\.1\.bias\)"),
+        (lambda c: c["model"]["head.1.bias"].fill_(float("nan")),
+         r"NaN or infinite values in model\.head\.1\.bias"),
+        (lambda c: c.update(scaler={"scale": float("inf"), "growth_factor": 2.0,
+                                    "backoff_factor": 0.5, "growth_interval": 2000,
+                                    "_growth_tracker": 0}),
+         r"GradScaler state with a bad scale \(each must be a finite number"),
     ],
 )
 def test_a_refused_resume_loads_nothing(
@@ -294,6 +365,64 @@ def test_a_refused_resume_loads_nothing(
     assert_same_weights(model, before)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch computing with `count` threads, then as many as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_resume_in_another_setup_is_refused_naming_each_difference(
+    tmp_path: Path, last_pt: bytes
+) -> None:
+    # Both were resumed silently, though each trains other weights than the run being resumed.
+    (tmp_path / "last.pt").write_bytes(last_pt)
+    model = Net()
+    before = weights(model)
+    threads = torch.get_num_threads()
+    with torch_threads(threads + 1), pytest.raises(CheckpointError) as error:
+        tiny_fit(tmp_path, model=model, resume=True, augment={"flip_p": 0.0, "cutout_p": 0.25})
+    assert (
+        "last.pt was trained in another setup: augmentation.transforms.0.p (0.5 in the "
+        "checkpoint, 0.0 now); augmentation.transforms.2.p (0.5 in the checkpoint, 0.25 now); "
+        f"torch_threads ({threads} in the checkpoint, {threads + 1} now). Resumed so, the run "
+        "would not repeat an uninterrupted one. Resume with the same augmentation, torch "
+        "threads, loader workers, device and precision; or pass allow_other_setup=True"
+    ) in str(error.value)
+    assert_same_weights(model, before)
+
+
+def test_a_resume_in_another_setup_goes_on_when_allowed_and_says_so(
+    tmp_path: Path, last_pt: bytes, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "last.pt").write_bytes(last_pt)
+    history = tiny_fit(tmp_path, resume=True, epochs=1, augment={"flip_p": 0.0},
+                       allow_other_setup=True)
+    assert history.epochs == 1
+    assert capsys.readouterr().out == (
+        f"Resuming {tmp_path / 'last.pt'} in another setup (augmentation.transforms.0.p (0.5 in "
+        "the checkpoint, 0.0 now)): the run goes on, but no longer repeats an uninterrupted one.\n"
+    )
+
+
+def test_a_checkpoint_older_than_the_setup_record_resumes_with_a_note(
+    tmp_path: Path, last_pt: bytes, capsys: pytest.CaptureFixture
+) -> None:
+    payload = torch.load(io.BytesIO(last_pt), weights_only=True)
+    del payload["setup"]  # as written before fit recorded it
+    torch.save(payload, tmp_path / "last.pt")
+    with torch_threads(torch.get_num_threads() + 1):
+        assert tiny_fit(tmp_path, resume=True, augment={"flip_p": 0.0}).epochs == 1
+    assert capsys.readouterr().out == (
+        f"{tmp_path / 'last.pt'} predates records of the setup (augmentation, threads, loader "
+        "workers, device, precision): resuming without checking that they are the same\n"
+    )
+
+
 def test_a_cpu_checkpoint_resumes_into_an_enabled_grad_scaler(tmp_path: Path, last_pt: bytes) -> None:
     """A CPU run resumed on CUDA with AMP: the empty scaler state is skipped, the rest loads."""
     (tmp_path / "last.pt").write_bytes(last_pt)
@@ -304,7 +433,7 @@ def test_a_cpu_checkpoint_resumes_into_an_enabled_grad_scaler(tmp_path: Path, la
     optimizer = _make_optimizer(model, config)
     state = _TrainState(model, optimizer, _make_scheduler(optimizer, config, 1, 2),
                         torch.amp.GradScaler("cpu", enabled=True), History(),
-                        {"train_images": 64, "steps_per_epoch": 2})
+                        {"train_images": 64, "steps_per_epoch": 2, "scored": "test"})
     _load_checkpoint(tmp_path / "last.pt", state, config)
     assert_same_weights(model, checkpoint["model"])
     assert state.history.epochs == 1 and state.scaler.is_enabled()
@@ -337,6 +466,152 @@ def test_fit_removes_the_temp_files_of_a_killed_write(tmp_path: Path) -> None:
     assert [path.name for path in tmp_path.iterdir()] == [".notes"]
 
 
+class RunsAt(InterruptAt):
+    """Wraps Net; the n-th training forward pass first calls `action`: what happens meanwhile."""
+
+    def __init__(self, n: int, action: Callable[[], object]) -> None:
+        super().__init__(n)
+        self.action = action
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.n:
+                self.action()
+        return self.net(x)
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file in `folder` (not its subfolders) and its bytes."""
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+def test_a_second_run_in_a_busy_folder_is_refused_and_leaves_the_first_alone(
+    tmp_path: Path,
+) -> None:
+    # Two runs in one folder (two Colab tabs on one Drive folder): the second moved the first's
+    # files aside and deleted its half-written checkpoint; the first then crashed or went on
+    # writing over the second.
+    in_flight = tmp_path / ".last.pt.k2x9a"  # the first run's next last.pt, being written
+    refusals = []
+
+    def second_run() -> None:
+        in_flight.write_bytes(b"half a file")
+        before = folder_files(tmp_path)
+        with pytest.raises(utils.FolderInUseError) as error:
+            tiny_fit(tmp_path)
+        refusals.append(str(error.value))
+        assert folder_files(tmp_path) == before
+        in_flight.unlink()
+
+    history = tiny_fit(tmp_path, model=RunsAt(2 + 1, second_run), epochs=2)  # in epoch 2
+    lock = tmp_path / "run.lock"
+    assert len(refusals) == 1 and re.fullmatch(
+        re.escape(f"{tmp_path} is in use by another run (pid {os.getpid()} on "
+                  f"{socket.gethostname()}, started ") + r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+        + re.escape(f", per {lock}): two runs in one folder overwrite each other's checkpoints. "
+                    "Pass another checkpoint_dir; or, if that run has ended (its process gone, "
+                    f"say with its Colab VM), delete {lock} and run again."),
+        refusals[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]  # no lock
+    assert History.load(tmp_path / "history.json") == history and history.epochs == 2
+
+
+def test_a_lock_whose_process_has_ended_is_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    holder = {"pid": int(ended.stdout), "host": socket.gethostname(), "started": "yesterday"}
+    (tmp_path / "run.lock").write_text(json.dumps(holder))
+    assert tiny_fit(tmp_path).epochs == 1
+    assert capsys.readouterr().out == (
+        f"Taking over {tmp_path / 'run.lock'}: its run (pid {holder['pid']} on "
+        f"{holder['host']}, started yesterday) has ended\n"
+    )
+    assert not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.parametrize("holder", [
+    {"pid": 1, "host": "colab-vm-7f3a", "started": "2026-01-02 03:04:05"},  # cannot be checked
+    {},  # a lock being written, or left empty by a crash
+])
+def test_a_lock_that_may_be_live_is_refused_naming_its_run(tmp_path: Path, holder: dict) -> None:
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps(holder) if holder else "")
+    with pytest.raises(utils.FolderInUseError, match=re.escape(
+            "pid 1 on colab-vm-7f3a, started 2026-01-02 03:04:05" if holder
+            else "its lock file is empty or unreadable")):
+        tiny_fit(tmp_path)
+    assert folder_files(tmp_path) == {"run.lock": lock.read_bytes()}
+
+
+def test_a_history_json_left_behind_last_pt_is_rewritten_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save = History.save
+
+    def killed_in_epoch_2(history: History, path: Path) -> None:
+        if history.epochs == 2:
+            raise KeyboardInterrupt  # after last.pt, before history.json
+        save(history, path)
+
+    monkeypatch.setattr(History, "save", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_fit(tmp_path, epochs=2)
+    monkeypatch.undo()
+    assert History.load(tmp_path / "history.json").epochs == 1
+    resumed = tiny_fit(tmp_path, epochs=2, resume=True)  # nothing left to train
+    assert resumed.epochs == 2 and History.load(tmp_path / "history.json") == resumed
+
+
+def write_to_a_full_disk(monkeypatch: pytest.MonkeyPatch, how: str, failing_call: int) -> None:
+    """From its `failing_call`-th checkpoint on, torch.save or tempfile fails as on a full disk."""
+    calls = []
+    if how == "torch.save":
+        real = torch.save
+
+        def save(payload: object, f: object) -> None:
+            calls.append(1)
+            if len(calls) < failing_call:
+                return real(payload, f)
+            with open("/dev/full", "wb") as full:  # every write: ENOSPC
+                real(payload, full)
+
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*args: object, **kwargs: object) -> tuple[int, str]:
+            calls.append(1)
+            if len(calls) < failing_call:
+                return real_mkstemp(*args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(("how", "failing_call"), [("torch.save", 2), ("mkstemp", 3)])
+def test_a_full_disk_is_one_line_with_the_fix_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, failing_call: int
+) -> None:
+    # torch.save's own error was "[enforce fail at inline_container.cc:672] . PytorchStreamWriter
+    # failed writing file data/0: file write failed", with a C++ stack trace.
+    write_to_a_full_disk(monkeypatch, how, failing_call)  # epoch 2's last.pt
+    with pytest.raises(OSError) as error:
+        tiny_fit(tmp_path, epochs=2)
+    assert str(error.value) == (
+        f"could not write {tmp_path / 'last.pt'} (the disk is full); the files written before "
+        "are untouched. Free some disk space (or pass another checkpoint_dir), then run again "
+        "with resume=True."
+    )
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]
+    assert History.load(tmp_path / "history.json").epochs == 1
+    assert len(torch.load(tmp_path / "last.pt", weights_only=True)["history"]["seconds"]) == 1
+
+
 def test_an_unusable_checkpoint_dir_is_refused_before_training(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -364,10 +639,25 @@ def test_a_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path) -
      ("max_lr", float("nan")), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
      ("ema_decay", 1.0), ("ema_decay", -0.5), ("warmup_fraction", 1.0), ("warmup_fraction", 1),
      ("warmup_fraction", -0.1), ("div_factor", 0.0), ("final_div_factor", 0.0), ("momentum", 0.0),
-     ("momentum", 1.0), ("weight_decay", -1e-4), ("seed", -1)],
+     ("momentum", 1.0), ("weight_decay", -1e-4), ("seed", -1), ("seed", 2**64),
+     ("max_lr", 1e300), ("weight_decay", float("inf")), ("div_factor", float("inf"))],
 )
 def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=re.escape(f"invalid TrainConfig: {field}={value!r} must be ")):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value, kind",
+    [("epochs", "3", "an int"), ("batch_size", None, "an int"), ("log_every", 1.5, "an int"),
+     ("seed", 1.5, "an int"), ("epochs", 2.5, "an int"), ("epochs", float("inf"), "an int"),
+     ("epochs", True, "an int"), ("mixed_precision", "no", "a bool"), ("nesterov", 1, "a bool"),
+     ("max_lr", True, "a number"), ("max_lr", "0.4", "a number"), ("momentum", None, "a number")],
+)
+def test_config_refuses_values_of_the_wrong_type(field: str, value: object, kind: str) -> None:
+    # Each failed mid-run, in torch, or (a truthy "no") silently kept mixed precision on.
+    with pytest.raises(TypeError, match=re.escape(
+            f"invalid TrainConfig: {field}={value!r} must be {kind}")):
         TrainConfig(**{field: value})
 
 

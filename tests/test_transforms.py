@@ -10,6 +10,7 @@ from transforms import (
     HOLE_SIZE,
     MEAN_PIXEL,
     denormalize,
+    describe_transform,
     normalize_images,
     seed_transform,
 )
@@ -100,3 +101,17 @@ def test_normalize_images_matches_the_test_transform_image_by_image() -> None:
     images = np.stack([random_image(seed) for seed in range(4)])
     fed = torch.stack([eval_transforms()(image=image)["image"] for image in images])
     assert torch.allclose(normalize_images(images), fed, atol=1e-6)
+
+
+def test_a_description_holds_every_parameter_of_the_augmentation_but_not_its_seed() -> None:
+    augment = train_transforms()
+    described = describe_transform(augment)
+    seed_transform(augment, 123)
+    augment(image=random_image())
+    assert describe_transform(augment) == described  # seeding and use change nothing
+    assert [t["__class_fullname__"] for t in described["transforms"]] == [
+        "HorizontalFlip", "Affine", "CoarseDropout", "Normalize", "ToTensorV2"]
+    assert described["transforms"][1]["rotate"] == [-15.0, 15.0]  # JSON: tuples as lists
+    assert describe_transform(train_transforms(rotate=10.0)) != described
+    assert describe_transform(None) is None
+    assert describe_transform(normalize_images) == "normalize_images"  # any other callable
