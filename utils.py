@@ -219,6 +219,7 @@ _FIELD_TYPES = {
     "bool": ((bool,), "a bool (True or False)"),
     "int": ((int,), "an int"),
     "float": ((int, float), "a number (an int or a float)"),
+    "str": ((str,), "a string"),
 }
 
 

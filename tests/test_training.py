@@ -142,11 +142,18 @@ class InterruptAt(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize(("ema_decay", "ema_warmup"), [(0.0, False), (0.9, False), (0.99, True)])
+@pytest.mark.parametrize(
+    "changes",
+    [{"ema_decay": 0.0, "ema_warmup": False}, {"ema_decay": 0.9, "ema_warmup": False},
+     {"ema_decay": 0.99, "ema_warmup": True},
+     {"ema_decay": 0.0, "optimizer": "adamw", "anneal": "cos", "max_lr": 0.005}],
+    ids=["no-average", "average", "warmed-up-average", "adamw-cosine"],
+)
 def test_resume_ends_with_the_same_history_as_an_uninterrupted_run(
-    tmp_path: Path, ema_decay: float, ema_warmup: bool
+    tmp_path: Path, changes: dict
 ) -> None:
-    config = dataclasses.replace(recipe(3), ema_decay=ema_decay, ema_warmup=ema_warmup)
+    config = dataclasses.replace(recipe(3), **changes)
+    ema_decay = config.ema_decay
     folder, full_folder = tmp_path / "resumed", tmp_path / "full"
     seed_everything(0)
     full = fit(InterruptAt(), *loaders(), device="cpu", config=config, progress=False,
@@ -675,6 +682,31 @@ def test_without_an_average_the_warm_up_does_nothing() -> None:
         runs[warmup] = fit(Net(), *loaders(), device="cpu", progress=False,
                            config=dataclasses.replace(recipe(1), ema_decay=0.0, ema_warmup=warmup))
     assert runs[True].ema_test_acc == [] and runs[True].train_loss == runs[False].train_loss
+
+
+def test_adamw_decays_only_the_conv_weights_with_momentum_as_its_first_beta() -> None:
+    optimizer = _make_optimizer(Net(), TrainConfig(optimizer="adamw", max_lr=0.01, momentum=0.8))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, plain = optimizer.param_groups
+    assert all(p.ndim > 1 for p in decayed["params"]) and decayed["weight_decay"] == 5e-4
+    assert all(p.ndim <= 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    assert decayed["betas"] == (0.8, 0.999) and decayed["lr"] == pytest.approx(0.001)
+
+
+def test_a_cosine_anneal_keeps_the_cycle_s_ends_and_stays_higher_after_the_peak() -> None:
+    rates = {}
+    for anneal in ("linear", "cos"):
+        config = dataclasses.replace(recipe(2), anneal=anneal)
+        scheduler = _make_scheduler(_make_optimizer(Net(), config), config, 2, steps_per_epoch=50)
+        rates[anneal] = [scheduler.get_last_lr()[0]]
+        for _ in range(99):
+            scheduler.optimizer.step()
+            scheduler.step()
+            rates[anneal].append(scheduler.get_last_lr()[0])
+    linear, cosine = rates["linear"], rates["cos"]
+    assert cosine[0] == pytest.approx(linear[0]) and cosine[-1] == pytest.approx(linear[-1])
+    assert max(cosine) == pytest.approx(max(linear))
+    assert cosine[40] > linear[40]  # a quarter of the way down from the peak at step 20
 
 
 def test_resume_needs_a_checkpoint_dir() -> None:
