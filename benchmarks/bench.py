@@ -1,6 +1,6 @@
-"""Cost, speed and accuracy of `Net` beside the all-44-channel net we started from.
+"""Cost, speed and accuracy of `Net` beside `SeparableNet` and the net we started from.
 
-    python benchmarks/bench.py --data data/cifar10-full --nets Net --epochs 10  # ~14 min, 2 cores
+    python benchmarks/bench.py --data data/cifar10-full --nets Net --epochs 10  # ~20 min, 2 cores
     python benchmarks/bench.py --quick         # a smoke run of a minute or two (CI)
 
 The README's rows each name their command. Give a long run `--checkpoint-dir DIR`: it then
@@ -63,8 +63,8 @@ def build_net(name: str, train_images: np.ndarray) -> nn.Module:
 
 
 def chosen_nets(requested: list[str] | None, quick: bool) -> list[str]:
-    """The nets named on the command line; else Net (quick mode) or Net and the starting net."""
-    return requested or (["Net"] if quick else ["Net", "StartingNet"])
+    """The nets asked for; by default Net (quick mode) or Net, SeparableNet and StartingNet."""
+    return requested or (["Net"] if quick else ["Net", "SeparableNet", "StartingNet"])
 
 
 def multiply_adds(model: nn.Module) -> int:
@@ -457,7 +457,7 @@ def seed_cell(runs: list[dict], key: str, spec: str) -> str:
 
 
 def table(result: dict) -> str:
-    """The headline numbers as a Markdown table, Net beside the baseline."""
+    """The headline numbers as a Markdown table, one column per net."""
     nets = result["nets"]
     runs = {n: [run for run in result["accuracy"] if run["net"] == n] for n in nets}
     rows = [

@@ -9,7 +9,7 @@ from transforms import normalize_images
 
 
 class SeparableNet(Net):
-    """The previous `Net`: its capacity at 8x8, in depthwise-separable convs (184,234 parameters).
+    """`Net`'s predecessor: its capacity at 8x8, in depthwise-separable convs (184,234 parameters).
 
     C1 (32x32) a 3x3 conv to 32 channels, one residual 3x3 conv, a stride-2 conv to 64.
     C2 (16x16) a residual pair (a 3x3 conv and a dilated one), a separable stride-2 conv to 128.
@@ -19,8 +19,8 @@ class SeparableNet(Net):
     """
 
     def __init__(self, num_classes: int = 10) -> None:
-        # Builds every layer in the order the previous `Net` did, so a seed draws the same
-        # initial weights as it did then and the sweep's commands repeat their runs exactly.
+        # Builds every layer in the order it always has, so a seed draws the same initial
+        # weights and the benchmark commands recorded for it repeat their runs exactly.
         nn.Module.__init__(self)
         self.c1 = nn.Sequential(
             ConvBNReLU(3, 32), Residual(ConvBNReLU(32, 32)), ConvBNReLU(32, 64, stride=2)
@@ -66,13 +66,12 @@ class ShallowSeparableNet(Net):
 
 
 class WideSeparableNet(ShallowSeparableNet):
-    """`ShallowSeparableNet` with 192 channels at 8x8 instead of 128, paid for by a separable
-    downsample.
+    """`ShallowSeparableNet` with 192 channels at 8x8 instead of 128, via a separable downsample.
 
     The full 64 -> 128 stride-2 3x3 conv costs 74k parameters; a depthwise-separable one to 192
-    channels costs 13k, and the rest widens C3, C4 and the head (197,866 parameters in all,
-    0.5% more multiply-adds than `ShallowSeparableNet`). It spends the freed parameters on width at 8x8,
-    where today's `Net` spends them on extra layers.
+    channels costs 13k, and the rest widens C3, C4 and the head (197,866 parameters in all, 0.5%
+    more multiply-adds than `ShallowSeparableNet`). It spends the freed parameters on width at
+    8x8, where `SeparableNet` spends them on extra layers.
 
     Args:
         num_classes: size of the output layer.

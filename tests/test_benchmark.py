@@ -170,7 +170,7 @@ def test_a_benchmark_run_whitens_with_its_training_images_only(monkeypatch) -> N
 def test_quick_mode_times_net_unless_other_nets_are_named() -> None:
     assert chosen_nets(None, quick=True) == ["Net"]
     assert chosen_nets(["ShallowSeparableNet"], quick=True) == ["ShallowSeparableNet"]
-    assert chosen_nets(None, quick=False) == ["Net", "StartingNet"]
+    assert chosen_nets(None, quick=False) == ["Net", "SeparableNet", "StartingNet"]
 
 
 def test_the_cuda_timing_trains_the_named_net_at_the_run_batch_size(monkeypatch) -> None:
@@ -345,7 +345,7 @@ def test_a_changed_default_keeps_each_run_in_its_own_checkpoint_folder(tmp_path:
     spec = {"augment": {}, "config": {}, "data": data.source, "images": [64, 0, 32]}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     assert folder(TrainConfig(ema_warmup=False)) == tmp_path / f"Net-seed0-{digest}"
-    # and a run with today's default gets a folder of its own.
+    # and a run with the current default gets a folder of its own.
     assert folder(TrainConfig()) != folder(TrainConfig(ema_warmup=False))
 
 
