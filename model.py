@@ -1,4 +1,4 @@
-"""The CIFAR-10 network, and the checks that prove it meets the brief.
+"""The CIFAR-10 network, and the checks of the brief on the live model.
 
 The brief: blocks C1 C2 C3 C4 then an output head; no max-pooling (downsample with 3x3
 stride-2 convs); receptive field > 44; at least one depthwise-separable and one dilated
@@ -24,6 +24,8 @@ MIN_RECEPTIVE_FIELD = 45  # the brief says "> 44"
 # multiply-adds with width^2 * area, so per parameter a conv at 32x32 does 16x the work of one at
 # 8x8: the full-resolution stage gets the depth, the 8x8 stages get cheap separable convs.
 WIDTHS = (32, 64, 96)
+
+
 class ConvBNReLU(nn.Sequential):
     """3x3 (or kxk) convolution, BatchNorm, ReLU; 'same' padding for any dilation."""
 
