@@ -4,6 +4,7 @@ import codecs
 import functools
 import hashlib
 import http.server
+import itertools
 import os
 import pickle
 import pickletools
@@ -244,6 +245,15 @@ def test_reads_the_real_cifar10_sample() -> None:
     assert 100 < images.mean() < 140  # real photos, not noise or zeros
 
 
+@pytest.mark.skipif(not SAMPLE, reason="S9_DATA not set: the real CIFAR-10 sample is absent")
+def test_the_samples_label_names_pickled_by_python_2s_cpickle_pass_the_scan() -> None:
+    # batches.meta is as the official archive holds it: Python 2's cPickle numbered its memo
+    # from 1, as in the official batches, which the scan refused.
+    meta = (Path(SAMPLE) / BATCH_FOLDER / "batches.meta").read_bytes()
+    assert meta.startswith(b"\x80\x02}q\x01(")
+    dataset._scan_pickle(meta)
+
+
 # --- Crafted pickles: each is refused with its path, before anything large is built. ---
 
 IMAGE = dataset.IMAGE_BYTES
@@ -355,10 +365,13 @@ def test_a_memo_index_beyond_the_memo_is_refused_without_allocating(
     # 12 bytes: None, stored at memo index `index` (LONG_BINPUT). The unpickler sized and
     # zero-filled a memo table of twice that many pointers first: 2**27 took 2 GiB.
     error, peak = refusal_and_peak(tmp_path, b"\x80\x02Nr" + struct.pack("<I", index) + b".")
-    assert "skips memo entries" in str(error)
+    assert f"LONG_BINPUT {index} skips memo entries (it is memo write 1)" in str(error)
     assert peak < 1_000_000
     error, _ = refusal_and_peak(tmp_path, b"\x80\x02Nq\x00j" + struct.pack("<I", 5) + b".")
     assert "missing" in str(error)  # LONG_BINGET of an entry never stored
+    # The first write may use index 0 (pickle) or 1 (Python 2's cPickle), no later one.
+    error, _ = refusal_and_peak(tmp_path, b"\x80\x02Nq\x02.")
+    assert "BINPUT 2 skips memo entries (it is memo write 1)" in str(error)
 
 
 def nested_codec_argument(depth: int) -> bytes:
@@ -449,6 +462,70 @@ def test_deeply_nested_lists_are_reported_with_the_path(tmp_path: Path, field: s
     assert str(path) in str(err.value)
 
 
+def test_a_tuple_nested_deeper_than_a_batch_is_refused_before_it_is_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 190 KB: a dict key nested 190,000 tuples deep. Unpickled, hashing it recursed in C and
+    # killed the process (a segfault), though no mark nests.
+    monkeypatch.setattr(dataset._BatchUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    error, _ = refusal_and_peak(tmp_path, b"\x80\x02})" + b"\x85" * 190_000 + b"Ns.")
+    assert "objects nested 9 deep, more than the 8 allowed (a batch nests 6)" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        # A dtype stored in the memo, held by a tuple, then changed: set to state holding that
+        # tuple, it would hold itself, nesting without end behind the depth the scan recorded.
+        (b"\x80\x02cnumpy\ndtype\nq\x00X\x02\x00\x00\x00u1\x85Rq\x01h\x01\x85b.",
+         "BUILD changes an object another holds"),
+        # BUILD on a global set attributes of the reader's own methods, for the next file to find.
+        (b"\x80\x02cnumpy\ndtype\n}X\x01\x00\x00\x00aK\x01sb.",
+         "BUILD changes a string, number or global"),
+    ],
+    ids=["changed-after-being-held", "build-on-a-global"],
+)
+def test_an_object_is_refused_changed_once_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, reason: str
+) -> None:
+    monkeypatch.setattr(dataset._BatchUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    error, _ = refusal_and_peak(tmp_path, content)
+    assert reason in str(error)
+
+
+def with_memo_from_1(pickled: bytes) -> bytes:
+    """A protocol-2 pickle with its memo numbered from 1, as Python 2's cPickle numbers it."""
+    ops = list(pickletools.genops(pickled))
+    ends = [position for _, _, position in ops[1:]] + [len(pickled)]
+    parts = []
+    for (opcode, arg, position), end in zip(ops, ends):
+        if opcode.name in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"):
+            short, long = (b"q", b"r") if "PUT" in opcode.name else (b"h", b"j")
+            index = arg + 1
+            parts.append(short + bytes([index]) if index < 256 else long + struct.pack("<I", index))
+        else:
+            parts.append(pickled[position:end])
+    return b"".join(parts)
+
+
+def test_a_batch_with_cpickles_memo_numbered_from_1_reads(tmp_path: Path) -> None:
+    # Python 2's cPickle, which wrote the official batches, numbers its memo from 1: such a
+    # batch was refused as skipping a memo entry. Labels as numpy ints share their dtype
+    # through the memo, so the batch reads it back (BINGET) too.
+    images, labels = synthetic_cifar10(300)
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    pickled = with_memo_from_1(pickle.dumps({"data": rows, "labels": list(labels)}, protocol=2))
+    memo_ops = [(op.name, arg) for op, arg, _ in pickletools.genops(pickled) if "PUT" in op.name
+                or "GET" in op.name]
+    assert memo_ops[0] == ("BINPUT", 1) and ("LONG_BINPUT", 256) in memo_ops
+    assert any(name == "BINGET" for name, _ in memo_ops)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickled)
+    read_images, read_labels = read_batch(path)
+    np.testing.assert_array_equal(read_images, images)
+    np.testing.assert_array_equal(read_labels, labels)
+
+
 def as_numpy_1(pickled: bytes) -> bytes:
     """A pickle by numpy 2 as numpy 1.26 writes it, numpy.core for numpy._core.
 
@@ -489,17 +566,27 @@ def test_batches_of_every_protocol_by_numpy_1_or_2_read_alike(
 
 
 def official_layout(rows: np.ndarray, labels: np.ndarray) -> bytes:
-    """A batch pickled as the official files are (Python 2, protocol 2): each list in one run."""
+    """A batch pickled as the official files are (Python 2's cPickle, protocol 2): each list in
+    one run, and each string, list, dict, global and call result stored in a memo numbered
+    from 1."""
+    memo = itertools.count(1)
+
+    def put() -> bytes:  # BINPUT, or LONG_BINPUT past 255
+        index = next(memo)
+        return b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index)
+
     def text(value: bytes) -> bytes:  # SHORT_BINSTRING
-        return b"U" + bytes([len(value)]) + value
+        return b"U" + bytes([len(value)]) + value + put()
 
     return b"".join([
-        b"\x80\x02}(", text(b"batch_label"), text(b"training batch 1 of 5"), text(b"labels"),
-        b"](", b"".join(b"K" + bytes([int(v)]) for v in labels), b"e", text(b"data"),
-        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85", text(b"b"),
-        b"\x87R(K\x01M", struct.pack("<H", len(rows)), b"M\x00\x0c\x86cnumpy\ndtype\n", text(b"u1"),
-        b"K\x00K\x01\x87R(K\x03", text(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T",
-        struct.pack("<I", rows.nbytes), rows.tobytes(), b"tb", text(b"filenames"), b"](",
+        b"\x80\x02}", put(), b"(", text(b"batch_label"), text(b"training batch 1 of 5"),
+        text(b"labels"), b"]", put(), b"(", b"".join(b"K" + bytes([int(v)]) for v in labels), b"e",
+        text(b"data"), b"cnumpy.core.multiarray\n_reconstruct\n", put(), b"cnumpy\nndarray\n",
+        put(), b"K\x00\x85", text(b"b"), b"\x87R", put(), b"(K\x01M", struct.pack("<H", len(rows)),
+        b"M\x00\x0c\x86cnumpy\ndtype\n", put(), text(b"u1"), b"K\x00K\x01\x87R", put(), b"(K\x03",
+        text(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T",
+        struct.pack("<I", rows.nbytes), rows.tobytes(), put(), b"tb", text(b"filenames"), b"]",
+        put(), b"(",
         b"".join(text(b"img_%05d.png" % i) for i in range(len(rows))), b"eu.",
     ])
 
@@ -507,6 +594,7 @@ def official_layout(rows: np.ndarray, labels: np.ndarray) -> bytes:
 def test_a_full_batch_in_the_official_layout_reads(tmp_path: Path) -> None:
     # 10,000 labels, then 10,000 filenames, each list appended in one run: 10,000 objects on
     # the pickle stack at once, as in the official files (and shared/cifar10-jpeg/build.py's).
+    # Their memo, numbered from 1 by cPickle, was refused as skipping an entry.
     labels = np.arange(dataset.BATCH_IMAGES) % len(CLASSES)
     rows = np.repeat(labels.astype(np.uint8)[:, None], IMAGE, axis=1)
     path = tmp_path / "data_batch_1"
