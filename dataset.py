@@ -419,13 +419,17 @@ def _array(stub: object) -> np.ndarray:
 
 
 def _byte_count(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """The bytes an array of `shape` holds, refused beyond a batch's before it is multiplied out."""
-    limit = BATCH_IMAGES * IMAGE_BYTES
+    """The bytes an array of `shape` holds, refused where no numpy array or batch is so large."""
     if len(shape) > _MAX_DIMS:
         raise _NotABatch(f"an array of {len(shape)} dimensions; numpy allows {_MAX_DIMS}")
-    # each side is bounded before the product: one of many huge sides takes quadratic time
-    size = math.prod(shape) * dtype.itemsize if max(shape, default=0) <= limit else None
-    if size is None or size > limit:
+    if max(shape, default=0).bit_length() > _MAX_INT_BITS:
+        raise _NotABatch(
+            f"an array of shape {shape!r:.60}: a side of more than {_MAX_INT_BITS} bits"
+        )
+    # At most 64 sides of at most 64 bits: a product of at most 4,096 bits, quick however huge
+    # (a product of many huge sides grows with each and takes quadratic time).
+    size = math.prod(shape) * dtype.itemsize
+    if size > BATCH_IMAGES * IMAGE_BYTES:
         raise _NotABatch(
             f"an array of shape {shape!r:.60}: more than a batch of {BATCH_IMAGES} images holds"
         )

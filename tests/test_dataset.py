@@ -398,16 +398,32 @@ def test_a_refused_codec_argument_is_named_by_its_type_not_its_content(tmp_path:
     assert "1000" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("shape", "multiplied", "reason"),
+    [
+        ((2**62,) * 1_000 + (0,), [], "1001 dimensions"),
+        ((2**100,) * 64, [], r"a side of more than 64 bits"),
+        ((2**62,) * 64, [64], "more than a batch of 10000 images"),  # 3,968 bits: still quick
+    ],
+    ids=["too-many-sides", "a-side-too-long", "64-huge-sides"],
+)
 def test_a_shape_of_many_huge_sides_is_refused_before_it_is_multiplied_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, shape: tuple, multiplied: list[int], reason: str
 ) -> None:
     # The product of N sides of 2**62 grows to 62 N bits: quadratic time (2 MB of file: 40 min).
+    # A file cannot hold a side over 64 bits (the scan refuses such integers): checked directly.
     products = []
-    monkeypatch.setattr(dataset.math, "prod", lambda sides: products.append(len(sides)) or 0)
-    write_pickle(tmp_path, array_call((2**62,) * 1_000 + (0,), b""))
-    with pytest.raises(CIFAR10FormatError, match="1001 dimensions"):
+    monkeypatch.setattr(dataset.math, "prod", lambda sides: products.append(len(sides)) or 2**60)
+    with pytest.raises(dataset._NotABatch, match=reason):
+        dataset._byte_count(shape, np.dtype(np.uint8))
+    assert products == multiplied
+
+
+def test_a_huge_shape_in_a_file_is_refused_with_its_path(tmp_path: Path) -> None:
+    path = write_pickle(tmp_path, array_call((2**62,) * 64, b""))
+    with pytest.raises(CIFAR10FormatError, match="more than a batch of 10000 images") as err:
         load_cifar10(tmp_path)
-    assert products == []
+    assert str(path) in str(err.value)
 
 
 @pytest.mark.parametrize(
