@@ -427,17 +427,24 @@ def test_a_huge_shape_in_a_file_is_refused_with_its_path(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "keys",
-    [[k * (2**61 - 1) for k in range(1, 5_000)], list(range(1_000))],
-    ids=["keys-that-hash-alike", "small-int-keys"],
+    ("keys", "int_bits", "reason"),
+    [
+        # All hash to 0; beyond 64 bits (k >= 8) they are refused as integers no batch holds...
+        ([k * (2**61 - 1) for k in range(1, 5_000)], 64, "an integer of 65 bits"),
+        # ... and without that limit, by the count of dict entries before the dict is built.
+        ([k * (2**61 - 1) for k in range(1, 5_000)], 10**6, "1000 dict entries"),
+        (list(range(1_000)), 64, "1000 dict entries"),
+    ],
+    ids=["keys-that-hash-alike", "keys-that-hash-alike-past-the-int-limit", "small-int-keys"],
 )
 def test_a_dict_beyond_a_batchs_is_refused_before_it_is_built(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: list[int]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: list[int], int_bits: int, reason: str
 ) -> None:
     # Keys k * (2**61 - 1) all hash to 0: building the dict took quadratic time (519 KB: 8.6 s).
     monkeypatch.setattr(dataset._BatchUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    monkeypatch.setattr(dataset, "_MAX_INT_BITS", int_bits)
     path = write_pickle(tmp_path, dict.fromkeys(keys))
-    with pytest.raises(CIFAR10FormatError, match="bits|dict entries") as err:
+    with pytest.raises(CIFAR10FormatError, match=reason) as err:
         load_cifar10(tmp_path)
     assert str(path) in str(err.value)
 
@@ -456,6 +463,27 @@ def test_many_small_objects_are_refused_in_memory_bounded_by_the_file(
 ) -> None:
     _, peak = refusal_and_peak(tmp_path, content)
     assert peak < len(content) + 1_000_000  # the file, read once, and a little more
+
+
+@pytest.mark.parametrize(
+    ("objects", "passes_scan"),
+    [(b"]a", True), (b"}a", True), (b"N\x85a", True), (b"\x8fa", False)],
+    ids=["empty-lists", "empty-dicts", "1-tuples", "empty-sets"],
+)
+def test_a_file_under_the_opcode_cap_costs_a_bounded_multiple_of_its_size(
+    tmp_path: Path, objects: bytes, passes_scan: bool
+) -> None:
+    # The costliest objects a few bytes build (an empty dict: ~80 bytes from 2), appended to one
+    # list up to the opcode cap, so memory stays bounded by the file's size and by the cap. An
+    # empty set costs 216 bytes from 1: the scan refuses it.
+    content = b"\x80\x04]" + objects * ((dataset._MAX_OPCODES - 3) // len(objects)) + b"."
+    if passes_scan:
+        dataset._scan_pickle(content)
+    else:
+        with pytest.raises(dataset._NotABatch):
+            dataset._scan_pickle(content)
+    _, peak = refusal_and_peak(tmp_path, content)  # not a batch: no dict
+    assert peak < 50 * len(content)
 
 
 def batch_with(field: str, opcodes: bytes) -> bytes:
