@@ -104,6 +104,10 @@ class CIFAR10FormatError(ValueError):
     """CIFAR-10 data on disk (a batch, or the downloaded archive) that is unsafe or corrupt."""
 
 
+class RefusedFileError(ValueError):
+    """A file `read_regular_file` will not read: not a regular file, too large, or growing."""
+
+
 class _NotABatch(pickle.UnpicklingError):
     """The pickle holds something that no CIFAR-10 batch holds."""
 
@@ -460,22 +464,24 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     """All the bytes of `path`, which must be a regular file of at most `limit` bytes.
 
     A directory, FIFO or device is refused unread (a FIFO would block, /dev/zero never ends).
-    Raises OSError when `path` cannot be opened or read, ValueError for any other refusal.
+    Raises OSError when `path` cannot be opened or read, RefusedFileError for any other refusal.
     """
     # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"it is {_file_kind(info.st_mode)}, not a regular file")
+            raise RefusedFileError(f"it is {_file_kind(info.st_mode)}, not a regular file")
         if info.st_size > limit:
-            raise ValueError(f"it holds {info.st_size:,} bytes, more than the {limit:,} allowed")
+            raise RefusedFileError(
+                f"it holds {info.st_size:,} bytes, more than the {limit:,} allowed"
+            )
         with open(fd, "rb", closefd=False) as file:
             content = file.read(info.st_size + 1)
     finally:
         os.close(fd)
     if len(content) > info.st_size:
-        raise ValueError("it grew while it was read (is something still writing it?)")
+        raise RefusedFileError("it grew while it was read (is something still writing it?)")
     return content
 
 
@@ -499,7 +505,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: cannot read this batch ({err.strerror or err}). Check that it exists and "
             f"that you may read it; else: {fix}"
         ) from err
-    except ValueError as err:
+    except RefusedFileError as err:
         raise CIFAR10FormatError(f"{path}: not a CIFAR-10 batch file ({err}). {fix}") from err
     try:
         _scan_pickle(content)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dataset import CLASSES, read_regular_file, seed_epoch
+from dataset import CLASSES, RefusedFileError, read_regular_file, seed_epoch
 from transforms import denormalize, describe_transform
 
 
@@ -419,7 +419,7 @@ def _lock_record(lock: Path) -> str | None:
     """The text of `lock`, or None if it cannot be read (gone, or not a small regular file)."""
     try:
         return read_regular_file(lock, 4096).decode("utf-8", "replace")
-    except (OSError, ValueError):
+    except (OSError, RefusedFileError):
         return None
 
 
@@ -755,7 +755,7 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     # bytes then fails only for what they hold (from a path, some cuts raise OSError too).
     try:
         content = read_regular_file(path, _MAX_CHECKPOINT_BYTES)
-    except ValueError as err:
+    except RefusedFileError as err:
         raise CheckpointError(f"{path} cannot be a checkpoint: {err}. {fix}") from err
     try:
         payload = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)

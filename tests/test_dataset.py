@@ -131,6 +131,15 @@ def test_a_batch_that_is_no_readable_file_is_named_not_skipped(cifar_root: Path,
     assert str(path) in str(err.value) and "download CIFAR-10 again" in str(err.value)
 
 
+def test_read_regular_file_signals_a_refusal_by_its_own_type(tmp_path: Path) -> None:
+    # A plain ValueError, which checkpoint and lock readers could not tell from a bug's.
+    with pytest.raises(dataset.RefusedFileError, match="it is a directory, not a regular file"):
+        dataset.read_regular_file(tmp_path, 10)
+    (tmp_path / "two-bytes").write_bytes(b"ab")
+    with pytest.raises(dataset.RefusedFileError, match="it holds 2 bytes, more than the 1 allowed"):
+        dataset.read_regular_file(tmp_path / "two-bytes", 1)
+
+
 def test_a_batch_that_may_not_be_read_is_named_with_the_fix(
     cifar_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
