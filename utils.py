@@ -344,15 +344,27 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) or _TORCH_WRITE_FAILED in str(err):
-            full = not isinstance(err, OSError) or err.errno in (errno.ENOSPC, errno.EDQUOT)
-            reason = "the disk is full" if full else err.strerror or str(err)
-            raise OSError(
-                f"could not write {path} ({reason}); the files written before are untouched. "
-                f"{'Free some disk space' if full else 'Fix that'} (or pass another "
-                "checkpoint_dir), then run again with resume=True."
-            ) from err
-        raise
+        reason, fix = _write_failure(err)
+        if reason is None:
+            raise
+        raise OSError(
+            f"could not write {path} ({reason}); the files written before are untouched. {fix}, "
+            "or pass another checkpoint_dir; then run again with resume=True."
+        ) from err
+
+
+def _write_failure(err: BaseException) -> tuple[str | None, str]:
+    """Why a write failed and what to do, in words; (None, "") for an error no write causes."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full", "Free some disk space"
+    if isinstance(err, OSError):
+        return err.strerror or str(err), "Fix that"
+    if _TORCH_WRITE_FAILED in str(err):  # torch's own error does not say why
+        return (
+            "writing failed (disk full, or the folder unreachable?)",
+            "Free some disk space or check that the folder is reachable",
+        )
+    return None, ""
 
 
 @contextlib.contextmanager

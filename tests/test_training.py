@@ -610,13 +610,32 @@ def test_a_full_disk_is_one_line_with_the_fix_and_keeps_the_last_checkpoint(
         tiny_fit(tmp_path, epochs=2)
     assert str(error.value) == (
         f"could not write {tmp_path / 'last.pt'} (the disk is full); the files written before "
-        "are untouched. Free some disk space (or pass another checkpoint_dir), then run again "
+        "are untouched. Free some disk space, or pass another checkpoint_dir; then run again "
         "with resume=True."
     )
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]
     assert History.load(tmp_path / "history.json").epochs == 1
     assert len(torch.load(tmp_path / "last.pt", weights_only=True)["history"]["seconds"]) == 1
+
+
+def test_a_write_that_torch_says_failed_names_both_likely_causes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some torch versions raise only this, whatever the cause; it was reported as a full disk.
+    def save(payload: object, f: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError) as error:
+        tiny_fit(tmp_path)
+    assert str(error.value) == (
+        f"could not write {tmp_path / 'last.pt'} (writing failed (disk full, or the folder "
+        "unreachable?)); the files written before are untouched. Free some disk space or check "
+        "that the folder is reachable, or pass another checkpoint_dir; then run again with "
+        "resume=True."
+    )
 
 
 def test_an_unusable_checkpoint_dir_is_refused_before_training(tmp_path: Path) -> None:
