@@ -770,8 +770,11 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     except RefusedFileError as err:
         raise CheckpointError(f"{path} cannot be a checkpoint: {err}. {fix}") from err
     try:
-        payload = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-        damaged = _record_failing_its_crc(content)
+        # Each record is checked before any is unpickled: a changed bit in the pickle is then
+        # reported as what it is, not as a file torch cannot read.
+        problem = _archive_problem(content)
+        if problem is None:
+            payload = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except _UNREADABLE as err:
         lines = str(err).strip().splitlines()
         reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
@@ -779,11 +782,8 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
             f"{path} is not a readable checkpoint ({reason}): it is empty, cut short (killed while "
             f"being written or copied?) or not a torch file. {fix}"
         ) from err
-    if damaged is not None:
-        raise CheckpointError(
-            f"{path} is corrupt: its record {damaged} no longer matches the CRC-32 checksum it "
-            f"was saved with (a bit changed on disk or in a copy). {fix}"
-        )
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem}. {fix}")
     entries = payload if isinstance(payload, dict) else {}
     missing = [k for k in keys if not isinstance(entries.get(k), dict)]
     if missing:
@@ -802,16 +802,27 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     return payload
 
 
-def _record_failing_its_crc(content: bytes) -> str | None:
-    """The first record of a torch.save zip whose bytes fail its CRC-32, or None if all match.
+def _archive_problem(content: bytes) -> str | None:
+    """What makes a torch.save zip unusable before it is unpickled, in words; None if nothing.
 
     torch.save stores every record (the pickle, each tensor's bytes) uncompressed with its
-    CRC-32, and torch.load never checks them; a compressed record (no torch file has one) fails
-    too, as unpacking it could cost far more than the file's size.
+    CRC-32, and torch.load never checks them. A compressed record is no torch file's, and
+    unpacking it could cost far more than the file's size. Raises BadZipFile for no zip.
     """
     with zipfile.ZipFile(io.BytesIO(content)) as archive:
-        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-        return packed[0] if packed else archive.testzip()
+        compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        if compressed:
+            return (
+                f"is not a checkpoint written by fit: its record {compressed[0]} is compressed, "
+                "which torch.save never does"
+            )
+        damaged = archive.testzip()
+    if damaged is not None:
+        return (
+            f"is corrupt: its record {damaged} no longer matches the CRC-32 checksum it was "
+            "saved with (a bit changed on disk or in a copy)"
+        )
+    return None
 
 
 def _check_same_run(

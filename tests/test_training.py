@@ -243,33 +243,55 @@ def truncated(keep: int) -> Callable[[Path], object]:
     return write
 
 
-def flip_a_bit(content: bytes, record: str = "data/0") -> bytes:
-    """A torch.save zip with one bit flipped halfway through the bytes of `record`."""
+def flip_a_bit(content: bytes, record: str = "data/0", offset: int | None = None) -> bytes:
+    """A torch.save zip with one bit flipped in `record`, at `offset` (None: halfway through)."""
     archive = zipfile.ZipFile(io.BytesIO(content))
     info = next(i for i in archive.infolist() if i.filename.endswith(f"/{record}"))
     name_length, extra_length = struct.unpack("<HH", content[info.header_offset + 26:][:4])
     start = info.header_offset + 30 + name_length + extra_length
     flipped = bytearray(content)
-    flipped[start + info.file_size // 2] ^= 0x10
+    flipped[start + (info.file_size // 2 if offset is None else offset)] ^= 0x10
     return bytes(flipped)
 
 
-def flipped_checkpoint(path: Path) -> None:
-    """Writes a checkpoint of Net's weights, then flips one bit in a tensor's bytes."""
+def flipped_checkpoint(record: str, offset: int | None = None) -> Callable[[Path], object]:
+    """Writes a checkpoint of Net's weights, then flips one bit in `record` (see flip_a_bit)."""
+    def write(path: Path) -> None:
+        torch.save({"model": Net().state_dict()}, path)
+        path.write_bytes(flip_a_bit(path.read_bytes(), record, offset))
+    return write
+
+
+def compressed_checkpoint(path: Path) -> None:
+    """Writes a checkpoint of Net's weights with its records compressed, as no torch.save does."""
     torch.save({"model": Net().state_dict()}, path)
-    path.write_bytes(flip_a_bit(path.read_bytes()))
+    packed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as source, \
+            zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    path.write_bytes(packed.getvalue())
 
 
 BAD_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
-    "zero bytes": (lambda path: path.write_bytes(b""), r"is not a readable checkpoint \(EOFError\)"),
+    "zero bytes": (lambda path: path.write_bytes(b""),
+                   r"is not a readable checkpoint \(BadZipFile: File is not a zip file\)"),
     "truncated": (truncated(100_000), r"is not a readable checkpoint \(\w+"),
     "cut near the start": (truncated(5_000), r"is not a readable checkpoint \(\w+"),
     "not a torch file": (lambda path: path.write_text("epoch 3\n"), "is not a readable checkpoint"),
     "bare state_dict": (lambda path: torch.save(Net().state_dict(), path),
                         r"is not a checkpoint written by this version of fit: it has no 'model'"
                         r"[^.]* entr(y|ies)\. It looks like a bare state_dict, which loads with model.load_state_dict"),
-    "one flipped bit": (flipped_checkpoint, r"is corrupt: its record \S+/data/0 no longer matches "
-                        r"the CRC-32 checksum it was saved with \(a bit changed on disk or in a copy\)\."),
+    "one flipped bit": (flipped_checkpoint("data/0"), r"is corrupt: its record \S+/data/0 no longer "
+                        r"matches the CRC-32 checksum it was saved with \(a bit changed on disk or "
+                        r"in a copy\)\."),
+    # Its first opcode changed: unpickled before its checksum was checked, it was "not a
+    # readable checkpoint".
+    "one flipped bit in the pickle": (flipped_checkpoint("data.pkl", offset=0),
+                                      r"is corrupt: its record \S+/data\.pkl no longer matches"),
+    # Reported as failing its checksum.
+    "compressed": (compressed_checkpoint, r"is not a checkpoint written by fit: its record \S+ is "
+                   "compressed, which torch.save never does"),
     "a directory": (lambda path: path.mkdir(), "cannot be a checkpoint: it is a directory, not a regular file"),
     "a FIFO": (os.mkfifo, r"cannot be a checkpoint: it is a FIFO \(named pipe\), not a regular file"),
     "a link to /dev/zero": (lambda path: path.symlink_to("/dev/zero"),
