@@ -10,6 +10,7 @@ import functools
 import io
 import json
 import math
+import numbers
 import os
 import pickle
 import random
@@ -17,6 +18,7 @@ import re
 import socket
 import tempfile
 import time
+import typing
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -173,7 +175,10 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        """Refuse a recipe that would fail mid-run, naming each bad field and its valid range."""
+        """Refuse a recipe that would fail mid-run, naming each bad field and its valid range.
+
+        Numbers of numpy types (from a sweep over np.linspace, say) are stored as plain ones.
+        """
         wrong_types = _wrong_types(self)
         if wrong_types:
             raise TypeError(
@@ -199,10 +204,10 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
             ("seed", 0 <= self.seed < 2**32, "in [0, 2**32) (numpy's seeds)"),
         )
-        infinite = [f.name for f in dataclasses.fields(self)
-                    if f.type == "float" and not math.isfinite(getattr(self, f.name))]
-        problems = [f"{name}={getattr(self, name)!r} must be finite" for name in infinite] + [
-            f"{name}={getattr(self, name)!r} must be {rule}"
+        infinite = [name for name, kind in _field_types().items()
+                    if kind is float and not _is_finite(getattr(self, name))]
+        problems = [f"{name}={getattr(self, name)!r:.40} must be finite" for name in infinite] + [
+            f"{name}={getattr(self, name)!r:.40} must be {rule}"
             for name, ok, rule in rules if not ok and name not in infinite
         ]
         if problems:
@@ -210,28 +215,48 @@ class TrainConfig:
                 f"invalid TrainConfig: {'; '.join(problems)}. Pass values in those ranges "
                 "(TrainConfig() holds the measured recipe)."
             )
+        # Plain values: weights_only loading refuses a checkpoint holding numpy's.
+        for name, kind in _field_types().items():
+            setattr(self, name, kind(getattr(self, name)))
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-# The exact types each annotation of a TrainConfig field accepts: a bool is an int to Python
-# but no count, and numpy numbers would make checkpoints that weights_only loading refuses.
-_FIELD_TYPES = {
-    "bool": ((bool,), "a bool (True or False)"),
-    "int": ((int,), "an int"),
-    "float": ((int, float), "a number (an int or a float)"),
-    "str": ((str,), "a string"),
+# What each annotated type of a TrainConfig field accepts, in words: a bool is an int to
+# Python but no count or rate, and a number may be numpy's (it is stored as a plain one).
+_ACCEPTED = {
+    bool: (lambda value: isinstance(value, (bool, np.bool_)), "a bool (True or False)"),
+    int: (lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool),
+          "an int"),
+    float: (lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool),
+            "a number (an int or a float)"),
+    str: (lambda value: isinstance(value, str), "a string"),
 }
+
+
+@functools.cache
+def _field_types() -> dict[str, type]:
+    """Each TrainConfig field's annotated type (bool, int, float or str)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {spec.name: hints[spec.name] for spec in dataclasses.fields(TrainConfig)}
 
 
 def _wrong_types(config: TrainConfig) -> list[str]:
     """Each field of `config` whose value is not of its annotated type, with the type it needs."""
     wrong = []
-    for spec in dataclasses.fields(config):
-        types, kind = _FIELD_TYPES.get(spec.type, (None, ""))
-        value = getattr(config, spec.name)
-        if types is not None and type(value) not in types:
-            wrong.append(f"{spec.name}={value!r:.40} must be {kind}, not {type(value).__name__}")
+    for name, kind in _field_types().items():
+        accepts, described = _ACCEPTED[kind]
+        value = getattr(config, name)
+        if not accepts(value):
+            wrong.append(f"{name}={value!r:.40} must be {described}, not {type(value).__name__}")
     return wrong
+
+
+def _is_finite(value: numbers.Real) -> bool:
+    """math.isfinite, where a number too large for a float is infinite, not an OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.figure
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -688,10 +689,13 @@ def test_a_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path) -
      ("ema_decay", 1.0), ("ema_decay", -0.5), ("warmup_fraction", 1.0), ("warmup_fraction", 1),
      ("warmup_fraction", -0.1), ("div_factor", 0.0), ("final_div_factor", 0.0), ("momentum", 0.0),
      ("momentum", 1.0), ("weight_decay", -1e-4), ("seed", -1), ("seed", 2**64),
-     ("max_lr", 1e300), ("weight_decay", float("inf")), ("div_factor", float("inf"))],
+     ("max_lr", 1e300), ("weight_decay", float("inf")), ("div_factor", float("inf")),
+     pytest.param("max_lr", 10**400, id="max_lr-10**400"), ("max_lr", np.float64("nan"))],
 )
 def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"invalid TrainConfig: {field}={value!r} must be ")):
+    # 10**400, too large for a float, raised a bare OverflowError.
+    with pytest.raises(ValueError, match=re.escape(
+            f"invalid TrainConfig: {field}={value!r:.40} must be ")):
         TrainConfig(**{field: value})
 
 
@@ -700,13 +704,28 @@ def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float)
     [("epochs", "3", "an int"), ("batch_size", None, "an int"), ("log_every", 1.5, "an int"),
      ("seed", 1.5, "an int"), ("epochs", 2.5, "an int"), ("epochs", float("inf"), "an int"),
      ("epochs", True, "an int"), ("mixed_precision", "no", "a bool"), ("nesterov", 1, "a bool"),
-     ("max_lr", True, "a number"), ("max_lr", "0.4", "a number"), ("momentum", None, "a number")],
+     ("max_lr", True, "a number"), ("max_lr", "0.4", "a number"), ("momentum", None, "a number"),
+     ("epochs", np.float64(3.0), "an int"), ("nesterov", np.int64(1), "a bool"),
+     ("seed", np.bool_(True), "an int")],
 )
 def test_config_refuses_values_of_the_wrong_type(field: str, value: object, kind: str) -> None:
     # Each failed mid-run, in torch, or (a truthy "no") silently kept mixed precision on.
     with pytest.raises(TypeError, match=re.escape(
             f"invalid TrainConfig: {field}={value!r} must be {kind}")):
         TrainConfig(**{field: value})
+
+
+def test_config_takes_numpy_numbers_and_stores_them_as_plain_values(tmp_path: Path) -> None:
+    # A sweep over np.linspace or np.arange passes numpy numbers: they were refused.
+    config = TrainConfig(epochs=np.int64(3), max_lr=np.float64(0.1), momentum=np.float32(0.5),
+                         seed=np.uint32(7), nesterov=np.bool_(False), anneal=np.str_("cos"))
+    fields = dataclasses.asdict(config)
+    assert {name: (type(fields[name]), fields[name]) for name in
+            ("epochs", "max_lr", "momentum", "seed", "nesterov", "anneal")} == {
+        "epochs": (int, 3), "max_lr": (float, 0.1), "momentum": (float, 0.5), "seed": (int, 7),
+        "nesterov": (bool, False), "anneal": (str, "cos")}
+    torch.save(fields, tmp_path / "config.pt")  # as checkpoints hold it
+    assert torch.load(tmp_path / "config.pt", weights_only=True) == fields
 
 
 @pytest.mark.parametrize("warmup_fraction", [0.0, 0.99])
