@@ -711,8 +711,10 @@ class _TrainState:
     # Training-set size, steps per epoch and the scored splits: a resume must see the same.
     data: dict[str, int | str]
     ema: WeightAverage | None = None
-    # What else decides the result (see `_run_setup`): a resume elsewhere does not repeat the run.
-    setup: dict[str, object] = field(default_factory=dict)
+    # What else decides the result (see `_run_setup`), as {"from_epoch", "setup"}: one entry per
+    # stretch of epochs trained in one setup, the last this session's. A resume elsewhere does
+    # not repeat the run; one allowed anyway adds an entry.
+    setups: list[dict[str, object]] = field(default_factory=list)
 
 
 # torch's warning when a scheduler's first step finds no optimizer step before it.
@@ -751,7 +753,7 @@ def _save_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
         "config": dataclasses.asdict(config),
         "data": state.data,
         "ema": state.ema.module.state_dict() if state.ema is not None else {},
-        "setup": state.setup,
+        "setups": state.setups,
     }
     bad = _first_non_finite(payload)
     if bad is not None:
@@ -1019,23 +1021,67 @@ def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]
     return problems
 
 
-def _check_same_setup(path: Path, payload: dict, setup: dict, allow_other_setup: bool) -> None:
-    """Refuse (or, if allowed, report) a resume whose setup would change the run's result."""
-    if "setup" not in payload:
+# How to resume in the setup a checkpoint records, for each entry of `_run_setup`.
+_SETUP_FIXES = {
+    "augmentation": "give the training set the augmentation that run had (the same "
+                    "train_transforms arguments)",
+    "device": "pass device={saved!r} to fit",
+    "autocast": "autocast to {saved} as that run did (TrainConfig.mixed_precision: float16 on "
+                "CUDA, bfloat16 on a CPU with native bf16, else float32)",
+    "loader_workers": "build the loaders with make_loaders(..., workers={saved})",
+    "torch_threads": "call torch.set_num_threads({saved}) before fit",
+}
+
+
+def _resumed_setups(
+    path: Path, payload: dict, now: dict, epochs: int, allow_other_setup: bool
+) -> list[dict]:
+    """The setups a resumed run trains in: the checkpoint's, and `now` if it differs.
+
+    `now` is compared with the setup the checkpoint's run last trained in; a difference is
+    refused, each named with how to match it, unless `allow_other_setup`.
+    """
+    recorded = _recorded_setups(path, payload)
+    resumed = {"from_epoch": epochs + 1, "setup": now}
+    if recorded is None:
         print(f"{path} predates records of the setup (augmentation, threads, loader workers, "
               "device, precision): resuming without checking that they are the same")
-        return
-    differences = _differences(payload["setup"], setup)
-    if differences and allow_other_setup:
-        print(f"Resuming {path} in another setup ({'; '.join(differences)}): the run goes on, "
-              "but no longer repeats an uninterrupted one.")
-    elif differences:
+        return [resumed]
+    last = recorded[-1]["setup"]
+    # An entry only one side has was not recorded on the other (threads: CPU runs only).
+    shared = {key: value for key, value in now.items() if key in last}
+    differences = _differences(last, shared)
+    if not differences:
+        return recorded
+    if not allow_other_setup:
+        fixes = [_SETUP_FIXES[key].format(saved=last[key])
+                 for key, value in shared.items() if _differences(last[key], value)]
         raise CheckpointError(
             f"{path} was trained in another setup: {'; '.join(differences)}. Resumed so, the run "
-            "would not repeat an uninterrupted one. Resume with the same augmentation, torch "
-            "threads, loader workers, device and precision; or pass allow_other_setup=True to "
-            "continue anyway; or resume=False to start a new run (the old one is moved aside)."
+            f"would not repeat an uninterrupted one. To repeat it: {'; '.join(fixes)}. Or pass "
+            "allow_other_setup=True to fit to continue anyway (the checkpoint keeps each "
+            "setup); or resume=False to start a new run (the old one is moved aside)."
         )
+    print(f"Resuming {path} in another setup ({'; '.join(differences)}): the run goes on, "
+          "but no longer repeats an uninterrupted one. Its checkpoints record each setup.")
+    return [*recorded, resumed]
+
+
+def _recorded_setups(path: Path, payload: dict) -> list[dict] | None:
+    """The setups a checkpoint's run trained in, oldest first; None if it predates such records."""
+    if "setups" in payload:
+        setups = payload["setups"]
+    elif "setup" in payload:  # written before resumes kept each setup: the last one only
+        setups = [{"from_epoch": 1, "setup": payload["setup"]}]
+    else:
+        return None
+    if not (isinstance(setups, list) and setups
+            and all(isinstance(entry, dict) and isinstance(entry.get("setup"), dict)
+                    for entry in setups)):
+        raise CheckpointError(
+            f"{path} holds a setup record fit does not write (a list of setups). {_RESUME_FIX}"
+        )
+    return setups
 
 
 def _differences(saved: object, now: object, name: str = "") -> list[str]:
@@ -1092,7 +1138,9 @@ def _load_checkpoint(
         ) from err
     _check_history(path, history, state.data, config)
     _check_optimizer_and_schedule(path, payload, state, history.epochs)
-    _check_same_setup(path, payload, state.setup, allow_other_setup)
+    setups = _resumed_setups(
+        path, payload, state.setups[-1]["setup"], history.epochs, allow_other_setup
+    )
     state.model.load_state_dict(payload["model"])
     if state.ema is not None:
         state.ema.module.load_state_dict(payload["ema"])
@@ -1102,6 +1150,7 @@ def _load_checkpoint(
     if payload["scaler"]:
         state.scaler.load_state_dict(payload["scaler"])
     state.history = history
+    state.setups = setups
 
 
 def _train_epoch(
@@ -1313,10 +1362,11 @@ def fit(
         progress: show tqdm bars and the one-line epoch summaries.
         val_loader: a validation split, scored after every epoch. Only with it is `best.pt`
             written: the weights of the epoch with the best validation accuracy.
-        allow_other_setup: resume even where the setup differs from the checkpoint's (the
-            augmentation, torch threads, loader workers, device or autocast precision): the
-            run then goes on but no longer repeats an uninterrupted one. Without it such a
-            resume is refused, each difference named.
+        allow_other_setup: resume even where the setup differs from the one the checkpoint's
+            run last trained in (the augmentation, loader workers, device, autocast precision,
+            and on a CPU the torch threads): the run then goes on but no longer repeats an
+            uninterrupted one, and its checkpoints record each setup and the epoch it began.
+            Without it such a resume is refused, naming each difference and how to match it.
 
     Returns:
         The run's History (the resumed one, extended, when resuming).
@@ -1362,7 +1412,7 @@ def fit(
             WeightAverage(model, config.ema_decay, warmup=config.ema_warmup)
             if config.ema_decay > 0 else None
         ),
-        setup=_run_setup(train_loader, device, config),
+        setups=[{"from_epoch": 1, "setup": _run_setup(train_loader, device, config)}],
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     with _folder_lock(folder), _cudnn_autotuning(device):
@@ -1382,15 +1432,18 @@ def fit(
 def _run_setup(loader: DataLoader, device: torch.device, config: TrainConfig) -> dict[str, object]:
     """What decides a run's result besides its recipe and data: a resume must find the same."""
     half = half_dtype(device) if config.mixed_precision else None
-    return {
+    setup = {
         "augmentation": describe_transform(getattr(loader.dataset, "transform", None)),
-        # These change which kernels run and how they add up floats: other weights.
-        "torch_threads": torch.get_num_threads(),
         "device": device.type,
         "autocast": str(half or torch.float32),
         # Each worker draws its own augmentation stream.
         "loader_workers": loader.num_workers,
     }
+    if device.type == "cpu":
+        # CPU kernels split their sums over the threads: another count adds up other floats.
+        # On a GPU the threads only feed it, so a VM with other cores resumes alike.
+        setup["torch_threads"] = torch.get_num_threads()
+    return setup
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import io
 import json
 import os
@@ -420,8 +421,10 @@ def test_a_resume_in_another_setup_is_refused_naming_each_difference(
         "last.pt was trained in another setup: augmentation.transforms.0.p (0.5 in the "
         "checkpoint, 0.0 now); augmentation.transforms.2.p (0.5 in the checkpoint, 0.25 now); "
         f"torch_threads ({threads} in the checkpoint, {threads + 1} now). Resumed so, the run "
-        "would not repeat an uninterrupted one. Resume with the same augmentation, torch "
-        "threads, loader workers, device and precision; or pass allow_other_setup=True"
+        "would not repeat an uninterrupted one. To repeat it: give the training set the "
+        "augmentation that run had (the same train_transforms arguments); call "
+        f"torch.set_num_threads({threads}) before fit. Or pass allow_other_setup=True to fit to "
+        "continue anyway"
     ) in str(error.value)
     assert_same_weights(model, before)
 
@@ -435,7 +438,8 @@ def test_a_resume_in_another_setup_goes_on_when_allowed_and_says_so(
     assert history.epochs == 1
     assert capsys.readouterr().out == (
         f"Resuming {tmp_path / 'last.pt'} in another setup (augmentation.transforms.0.p (0.5 in "
-        "the checkpoint, 0.0 now)): the run goes on, but no longer repeats an uninterrupted one.\n"
+        "the checkpoint, 0.0 now)): the run goes on, but no longer repeats an uninterrupted one. "
+        "Its checkpoints record each setup.\n"
     )
 
 
@@ -443,7 +447,7 @@ def test_a_checkpoint_older_than_the_setup_record_resumes_with_a_note(
     tmp_path: Path, last_pt: bytes, capsys: pytest.CaptureFixture
 ) -> None:
     payload = torch.load(io.BytesIO(last_pt), weights_only=True)
-    del payload["setup"]  # as written before fit recorded it
+    del payload["setups"]  # as written before fit recorded it
     torch.save(payload, tmp_path / "last.pt")
     with torch_threads(torch.get_num_threads() + 1):
         assert tiny_fit(tmp_path, resume=True, augment={"flip_p": 0.0}).epochs == 1
@@ -451,6 +455,62 @@ def test_a_checkpoint_older_than_the_setup_record_resumes_with_a_note(
         f"{tmp_path / 'last.pt'} predates records of the setup (augmentation, threads, loader "
         "workers, device, precision): resuming without checking that they are the same\n"
     )
+
+
+def test_a_refused_setup_says_how_to_match_each_difference(tmp_path: Path) -> None:
+    saved = {"augmentation": None, "device": "cuda", "autocast": "torch.float16",
+             "loader_workers": 2}
+    now = {"augmentation": "Compose", "device": "cpu", "autocast": "torch.float32",
+           "loader_workers": 8, "torch_threads": 4}
+    payload = {"setups": [{"from_epoch": 1, "setup": saved}]}
+    with pytest.raises(CheckpointError) as error:
+        utils._resumed_setups(tmp_path / "last.pt", payload, now, epochs=3, allow_other_setup=False)
+    assert (
+        "To repeat it: give the training set the augmentation that run had (the same "
+        "train_transforms arguments); pass device='cuda' to fit; autocast to torch.float16 as "
+        "that run did (TrainConfig.mixed_precision: float16 on CUDA, bfloat16 on a CPU with "
+        "native bf16, else float32); build the loaders with make_loaders(..., workers=2). Or "
+        "pass allow_other_setup=True to fit"
+    ) in str(error.value)
+    assert "torch_threads" not in str(error.value)  # the CUDA run recorded none: nothing to match
+
+
+def test_a_gpu_run_resumes_on_a_machine_with_another_cpu_count(tmp_path: Path) -> None:
+    # A Colab GPU run was refused on a VM with other cores: it recorded torch's thread count,
+    # which changes no result on a GPU.
+    config = dataclasses.replace(CONFIG, epochs=2)
+    train_loader, _ = loaders(64, 20, config.batch_size)
+    setup = utils._run_setup(train_loader, torch.device("cuda"), config)  # names it: no GPU needed
+    assert "torch_threads" not in setup and setup["device"] == "cuda"
+    assert "torch_threads" in utils._run_setup(train_loader, torch.device("cpu"), config)
+    recorded = [{"from_epoch": 1, "setup": {**setup, "torch_threads": 96}}]  # as recorded before
+    assert utils._resumed_setups(tmp_path / "last.pt", {"setups": recorded}, setup, epochs=1,
+                                 allow_other_setup=False) == recorded
+
+
+def test_a_resume_in_another_setup_keeps_each_setup_in_the_checkpoints(tmp_path: Path) -> None:
+    # Checkpoints after such a resume held only the new setup: a mixed run looked like one.
+    with pytest.raises(KeyboardInterrupt):
+        tiny_fit(tmp_path, model=InterruptAt(n=2 + 1), epochs=2)  # in epoch 2
+    resume = functools.partial(tiny_fit, tmp_path, model=InterruptAt(), resume=True, epochs=2)
+    resume(augment={"flip_p": 0.0}, allow_other_setup=True)
+    setups = torch.load(tmp_path / "last.pt", weights_only=True)["setups"]
+    assert [(entry["from_epoch"], entry["setup"]["augmentation"]["transforms"][0]["p"])
+            for entry in setups] == [(1, 0.5), (2, 0.0)]
+    # Resumed in the latest setup, the run goes on as that stretch would have.
+    assert resume(augment={"flip_p": 0.0}).epochs == 2
+    with pytest.raises(CheckpointError, match=r"augmentation\.transforms\.0\.p \(0\.0 in the "
+                       r"checkpoint, 0\.5 now\)"):
+        resume()
+
+
+def test_a_checkpoint_with_a_single_setup_record_resumes(tmp_path: Path, last_pt: bytes) -> None:
+    payload = torch.load(io.BytesIO(last_pt), weights_only=True)
+    payload["setup"] = payload.pop("setups")[0]["setup"]  # as written before each was kept
+    torch.save(payload, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"augmentation\.transforms\.0\.p"):
+        tiny_fit(tmp_path, resume=True, augment={"flip_p": 0.0})
+    assert tiny_fit(tmp_path, resume=True).epochs == 1
 
 
 def test_a_cpu_checkpoint_resumes_into_an_enabled_grad_scaler(tmp_path: Path, last_pt: bytes) -> None:
@@ -463,7 +523,8 @@ def test_a_cpu_checkpoint_resumes_into_an_enabled_grad_scaler(tmp_path: Path, la
     optimizer = _make_optimizer(model, config)
     state = _TrainState(model, optimizer, _make_scheduler(optimizer, config, 1, 2),
                         torch.amp.GradScaler("cpu", enabled=True), History(),
-                        {"train_images": 64, "steps_per_epoch": 2, "scored": "test"})
+                        {"train_images": 64, "steps_per_epoch": 2, "scored": "test"},
+                        setups=checkpoint["setups"])
     _load_checkpoint(tmp_path / "last.pt", state, config)
     assert_same_weights(model, checkpoint["model"])
     assert state.history.epochs == 1 and state.scaler.is_enabled()
