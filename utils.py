@@ -837,7 +837,9 @@ def _archive_problem(content: bytes) -> str | None:
     unpacking it could cost far more than the file's size. Raises BadZipFile for no zip.
     """
     with zipfile.ZipFile(io.BytesIO(content)) as archive:
-        compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        compressed = [
+            info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED
+        ]
         if compressed:
             return (
                 f"is not a checkpoint written by fit: its record {compressed[0]} is compressed, "
@@ -957,33 +959,60 @@ def _check_optimizer_and_schedule(
 ) -> None:
     """Refuse an optimizer or scheduler state other than this run's after `epochs` epochs.
 
-    `state` is fresh: its scheduler moved on by the run's steps gives the learning rates that
-    the optimizer must hold, and every other setting (momentum, weight decay, the schedule's
-    shape) must be as it is now; the momentum buffers must fit their parameters.
+    Checked entry by entry against the fresh `state`, which is neither changed nor copied.
     """
-    steps = epochs * state.data["steps_per_epoch"]
-    saved_schedule = payload["scheduler"]
-    if type(saved_schedule.get("last_epoch")) is not int or saved_schedule["last_epoch"] != steps:
-        problems = [f"scheduler.last_epoch ({saved_schedule.get('last_epoch')!r:.20} in the "
-                    f"checkpoint, {steps} after {epochs} epochs)"]
-    else:
-        lrs = _learning_rates_at(state.scheduler, steps)
-        schedule = {**state.scheduler.state_dict(), "last_epoch": steps, "_last_lr": lrs}
-        groups = [{**group, "lr": lr}
-                  for group, lr in zip(state.optimizer.state_dict()["param_groups"], lrs)]
-        saved_groups = payload["optimizer"]["param_groups"]
-        # Only the entries both sides have: another torch version may add or drop some.
-        problems = _differences(saved_schedule, _shared(schedule, saved_schedule), "scheduler") + [
-            difference
-            for i, (saved, group) in enumerate(zip(saved_groups, groups))
-            for difference in _differences(saved, _shared(group, saved), f"param_groups.{i}")
-        ]
-    problems += _buffer_problems(payload["optimizer"]["state"], state.optimizer)
+    problems = _optimizer_layout_problems(payload["optimizer"], state.optimizer)
+    if not problems:
+        problems = _schedule_problems(payload, state, epochs) + _buffer_problems(
+            payload["optimizer"]["state"], state.optimizer
+        )
     if problems:
         raise CheckpointError(
-            f"{path} holds an optimizer or scheduler state that this run does not reach in "
-            f"{epochs} epochs: {'; '.join(problems)}. {_RESUME_FIX}"
+            f"{path} holds an optimizer or scheduler state other than this run's after {epochs} "
+            f"epochs: {'; '.join(problems)}. {_RESUME_FIX}"
         )
+
+
+def _optimizer_layout_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
+    """What `optimizer.load_state_dict(saved)` would fail on, or map to other parameters."""
+    groups = saved.get("param_groups")
+    if not isinstance(saved.get("state"), dict) or not (
+        isinstance(groups, list)
+        and all(isinstance(group, dict) and isinstance(group.get("params"), list)
+                for group in groups)
+    ):
+        return ["no 'state' dict and 'param_groups' list of parameter groups"]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    # torch numbers the parameters in order, through the groups; load_state_dict maps by number.
+    if [group["params"] for group in groups] != [
+        list(range(start, start + size)) for start, size in zip(starts, sizes)
+    ]:
+        return [f"param_groups of {[len(group['params']) for group in groups]} parameters, "
+                f"not this network's {sizes} numbered in order"]
+    return []
+
+
+def _schedule_problems(payload: dict, state: _TrainState, epochs: int) -> list[str]:
+    """How the saved schedule and learning rates differ from this run's after `epochs` epochs."""
+    steps = epochs * state.data["steps_per_epoch"]
+    saved = payload["scheduler"]
+    if type(saved.get("last_epoch")) is not int or saved["last_epoch"] != steps:
+        return [f"scheduler.last_epoch ({saved.get('last_epoch')!r:.20} in the checkpoint, "
+                f"{steps} after {epochs} epochs)"]
+    lrs = _learning_rates_at(state.scheduler, steps)
+    schedule = {**state.scheduler.state_dict(), "last_epoch": steps, "_last_lr": lrs}
+    groups = [{**group, "lr": lr}
+              for group, lr in zip(state.optimizer.state_dict()["param_groups"], lrs)]
+    # Only the entries both sides have: another torch version may add or drop some.
+    saved_groups = payload["optimizer"]["param_groups"]
+    return _differences(saved, _shared(schedule, saved), "scheduler") + [
+        difference
+        for i, (saved_group, group) in enumerate(zip(saved_groups, groups))
+        for difference in _differences(
+            saved_group, _shared(group, saved_group), f"param_groups.{i}"
+        )
+    ]
 
 
 def _shared(entries: dict, other: dict) -> dict:
@@ -992,12 +1021,19 @@ def _shared(entries: dict, other: dict) -> dict:
 
 
 def _learning_rates_at(scheduler: torch.optim.lr_scheduler.OneCycleLR, steps: int) -> list[float]:
-    """The learning rate of each parameter group after `steps` steps of `scheduler`."""
-    probe = copy.deepcopy(scheduler)  # with its own copy of the optimizer
-    probe.last_epoch = steps
-    with warnings.catch_warnings():  # get_lr warns when called outside step(): here it is read
-        warnings.simplefilter("ignore", UserWarning)
-        return probe.get_lr()
+    """The learning rate of each parameter group after `steps` steps of `scheduler`.
+
+    The scheduler is moved there and back: its get_lr only reads the optimizer (with
+    cycle_momentum off, as `_make_scheduler` sets it).
+    """
+    current = scheduler.last_epoch
+    scheduler.last_epoch = steps
+    try:
+        with warnings.catch_warnings():  # get_lr warns when called outside step(): here it is read
+            warnings.simplefilter("ignore", UserWarning)
+            return scheduler.get_lr()
+    finally:
+        scheduler.last_epoch = current
 
 
 def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -1130,11 +1166,9 @@ def _load_checkpoint(
     _check_saved_finite(path, payload, _RESUME_FIX)
     try:
         history = History(**payload["history"])
-        # A trial load into a copy: a foreign optimizer state fails here, before any change.
-        copy.deepcopy(state.optimizer).load_state_dict(payload["optimizer"])
-    except (TypeError, ValueError, KeyError) as err:
+    except TypeError as err:
         raise CheckpointError(
-            f"{path} holds a history or optimizer state this run cannot use ({err}). {_RESUME_FIX}"
+            f"{path} holds a history this run cannot use ({err}). {_RESUME_FIX}"
         ) from err
     _check_history(path, history, state.data, config)
     _check_optimizer_and_schedule(path, payload, state, history.epochs)

@@ -354,8 +354,14 @@ def test_load_weights_refuses_another_network_before_copying_any_weight(
         (lambda c: c.update(scaler={"scale": 1024.0}), "incomplete GradScaler state"),
         (lambda c: c["model"].pop("c1.0.0.weight"), r"different network \(missing: c1.0.0.weight\)"),
         (lambda c: c.update(history=[]), "it has no 'history' entry"),
-        (lambda c: c.update(history={"accuracy": [1.0]}), "history or optimizer state"),
-        (lambda c: c["optimizer"].update(param_groups=[]), "history or optimizer state"),
+        (lambda c: c.update(history={"accuracy": [1.0]}), "a history this run cannot use"),
+        (lambda c: c["optimizer"].update(param_groups=[]),
+         r"optimizer or scheduler state other than this run's after 1 epochs: param_groups of "
+         r"\[\] parameters, not this network's \[\d+, \d+\] numbered in order"),
+        (lambda c: c["optimizer"]["param_groups"][0].update(
+            params=list(reversed(c["optimizer"]["param_groups"][0]["params"]))),
+         r"not this network's \[\d+, \d+\] numbered in order"),
+        (lambda c: c["optimizer"].update(state=[]), "no 'state' dict"),
         # Checkpoints edited and saved again (so their checksums hold): each was resumed, or
         # failed only after the caller's weights were overwritten.
         (lambda c: c["scheduler"].update(last_epoch=10**6),
@@ -394,6 +400,25 @@ def test_a_refused_resume_loads_nothing(
     with pytest.raises(CheckpointError, match=message):
         tiny_fit(tmp_path, model=model, resume=True)
     assert_same_weights(model, before)
+
+
+def test_a_resume_copies_no_optimizer_or_scheduler(
+    tmp_path: Path, last_pt: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each resume deep-copied the optimizer twice to check the checkpoint: every parameter,
+    # on the GPU.
+    (tmp_path / "last.pt").write_bytes(last_pt)
+    copied = []
+    deepcopy = copy.deepcopy
+
+    def recording_deepcopy(value: object, *args: object) -> object:
+        if isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+            copied.append(type(value).__name__)
+        return deepcopy(value, *args)
+
+    monkeypatch.setattr(copy, "deepcopy", recording_deepcopy)
+    assert tiny_fit(tmp_path, resume=True).epochs == 1
+    assert copied == []
 
 
 @contextlib.contextmanager
