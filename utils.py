@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import errno
 import functools
 import io
@@ -19,6 +20,7 @@ import socket
 import tempfile
 import time
 import typing
+import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -348,8 +350,19 @@ class FolderInUseError(RuntimeError):
 
 # The files of one run in a checkpoint folder: a new run moves them aside, never overwrites them.
 _RUN_FILES = ("last.pt", "best.pt", "history.json")
-# Held by the run that uses a checkpoint folder: the process id, its host and its start.
+# Held by the run that uses a checkpoint folder, naming it (see `_new_lock_record`) and renewed
+# before each epoch's checkpoint.
 _LOCK = "run.lock"
+# Held while a stale lock is replaced, so that two runs never both take one over.
+_TAKEOVER = "run.lock.takeover"
+# A lock from another machine, whose process cannot be looked up, counts as abandoned once its
+# last renewal is this old, or three of its run's epochs if longer: a Colab disconnect ends the
+# VM before its run can remove the lock.
+_LOCK_TIMEOUT_SECONDS = 600
+_LOCK_TIMEOUT_EPOCHS = 3
+# The runs (see `_new_lock_record`) whose locks this process holds. A lock naming this process's
+# pid but none of them was left by an earlier process with that pid (a restarted container).
+_RUNS_HERE: set[str] = set()
 # The fallback torch.save raises when its writes fail (a full disk, say).
 _TORCH_WRITE_FAILED = "PytorchStreamWriter failed"
 
@@ -393,103 +406,199 @@ def _write_failure(err: BaseException) -> tuple[str | None, str]:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path | None) -> Iterator[None]:
+def _folder_lock(folder: Path | None) -> Iterator[_RunLock | None]:
     """Hold `folder`'s lock while the body runs (nothing without a folder): one run per folder."""
     if folder is None:
-        yield
+        yield None
         return
-    lock = folder / _LOCK
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
-    _take_lock(lock, record)
+    lock = _RunLock(folder)
+    lock.take()
     try:
-        yield
+        yield lock
     finally:
-        if _lock_record(lock) == record:  # a lock taken over meanwhile is no longer this run's
-            lock.unlink()
+        lock.release()
 
 
-def _take_lock(lock: Path, record: str) -> None:
-    """Create `lock` holding `record`; take over a stale lock, refuse a live run's."""
-    if _create_lock(lock, record):
-        return
-    holder = _lock_holder(lock)
-    if not _is_stale(holder):
-        raise FolderInUseError(
-            f"{lock.parent} is in use by another run ({_describe_holder(holder)}, per {lock}): two "
-            f"runs in one folder overwrite each other's checkpoints. Pass another checkpoint_dir; "
-            f"or, if that run has ended (its process gone, say with its Colab VM), delete {lock} "
-            "and run again."
-        )
-    print(f"Taking over {lock}: its run ({_describe_holder(holder)}) has ended")
-    lock.unlink(missing_ok=True)
-    if not _create_lock(lock, record):
-        raise FolderInUseError(
-            f"{lock.parent} was taken by another run ({_describe_holder(_lock_holder(lock))}) "
-            "just now. Pass another checkpoint_dir."
-        )
+def _new_lock_record() -> dict[str, object]:
+    """What a run's lock says of it: which run, where it runs, since when, and its heartbeat."""
+    now = time.time()
+    return {
+        "run": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
+        "started": _local_time(now), "heartbeat": now, "epoch_seconds": None,
+    }
 
 
-def _create_lock(lock: Path, record: str) -> bool:
-    """Create `lock` holding `record` unless it exists; False if it does."""
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
+@dataclass
+class _RunLock:
+    """This run's lock on its checkpoint folder: taken, renewed every epoch, released."""
+
+    folder: Path
+    record: dict[str, object] = field(default_factory=_new_lock_record)
+
+    @property
+    def path(self) -> Path:
+        """The lock file."""
+        return self.folder / _LOCK
+
+    def take(self) -> None:
+        """Create the lock; take over a stale one; refuse a live run's (FolderInUseError)."""
+        if not _create_exclusive(self.path, json.dumps(self.record)):
+            holder, now = _lock_holder(self.path), time.time()
+            if not _is_stale(holder, now):
+                raise FolderInUseError(_in_use_message(self.path, holder, now))
+            self._take_over(holder)
+        _RUNS_HERE.add(self.record["run"])
+
+    def _take_over(self, stale: dict) -> None:
+        """Replace the lock that names the ended run `stale`, unless another run did first."""
+        takeover = self.folder / _TAKEOVER
+        if not _create_exclusive(takeover, json.dumps(self.record)):
+            raise FolderInUseError(
+                f"another run is taking over {self.path} just now (it holds {takeover}). Run "
+                f"again in a moment; if no other run is starting there, delete {takeover} first."
+            )
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            holder = _lock_holder(self.path)
+            if holder != stale:  # another run took it over between our look and now
+                raise FolderInUseError(_in_use_message(self.path, holder, time.time()))
+            print(f"Taking over {self.path}: its run "
+                  f"({_describe_holder(stale, time.time())}) has ended")
+            self._write()
+        finally:
+            takeover.unlink(missing_ok=True)
+
+    def refresh(self) -> None:
+        """Renew the heartbeat and record the epoch's time; stop if another run took the lock."""
+        holder = _lock_holder(self.path)
+        now = time.time()
+        if holder.get("run") != self.record["run"]:
+            raise FolderInUseError(
+                f"{self.path} no longer names this run ({_describe_holder(holder, now)}): another "
+                "run took the folder over, judging this one ended, or the lock was deleted. This "
+                "run stops before writing its checkpoint, so that no two runs overwrite each "
+                "other's. Go on in another checkpoint_dir, or resume here once no other run uses "
+                "it."
+            )
+        self.record.update(heartbeat=now, epoch_seconds=now - self.record["heartbeat"])
+        self._write()
+
+    def release(self) -> None:
+        """Remove the lock if it still names this run (one taken over is the other run's)."""
+        _RUNS_HERE.discard(self.record["run"])
+        if _lock_holder(self.path).get("run") == self.record["run"]:
+            self.path.unlink(missing_ok=True)  # removed meanwhile: the exception in flight matters
+
+    def _write(self) -> None:
+        """Replace the lock file with this run's record, in one step."""
+        _atomic_write(self.path, lambda f: f.write(json.dumps(self.record).encode()))
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists; False if it does."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(record)
+                f.write(text)
         except OSError:
-            lock.unlink()  # an empty lock would look like a live run's to the next one
+            path.unlink()  # an empty lock would look like a live run's to the next one
             raise
         return True
     except OSError as err:
         raise OSError(
-            f"cannot write checkpoints to {lock.parent} ({err.strerror or err}). Pass a "
+            f"cannot write checkpoints to {path.parent} ({err.strerror or err}). Pass a "
             "checkpoint_dir you can write to, or fix that folder's permissions."
         ) from err
 
 
-def _lock_record(lock: Path) -> str | None:
-    """The text of `lock`, or None if it cannot be read (gone, or not a small regular file)."""
-    try:
-        return read_regular_file(lock, 4096).decode("utf-8", "replace")
-    except (OSError, RefusedFileError):
-        return None
-
-
 def _lock_holder(lock: Path) -> dict:
-    """The pid, host and start that `lock` records; empty if it records none (being written?)."""
+    """The record `lock` holds; empty if it holds none (gone, being written, not JSON)."""
     try:
-        holder = json.loads(_lock_record(lock) or "")
-    except ValueError:
+        holder = json.loads(read_regular_file(lock, 4096).decode("utf-8", "replace"))
+    except (OSError, RefusedFileError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
 
 
-def _describe_holder(holder: dict) -> str:
-    """The run a lock names, in words."""
-    if not holder:
-        return "its lock file is empty or unreadable: being written, or left by a crash"
-    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+def _is_stale(holder: dict, now: float) -> bool:
+    """Whether a lock's run has ended, as far as can be known at time `now`.
+
+    On this host: its process is gone, or has this process's pid but is none of its runs (a
+    restarted container reuses pids). From another: its heartbeat is older than
+    `_lock_timeout`. An empty record is never stale.
+    """
+    if holder.get("host") == socket.gethostname():
+        pid = holder.get("pid")
+        if pid == os.getpid():
+            return holder.get("run") not in _RUNS_HERE
+        return type(pid) is int and pid > 0 and not _process_exists(pid)
+    silence = _silence(holder, now)
+    return silence is not None and silence > _lock_timeout(holder)
 
 
-def _is_stale(holder: dict) -> bool:
-    """Whether a lock's run has certainly ended: a process of this host that is gone."""
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
-        return False  # another machine's processes cannot be checked
+def _process_exists(pid: int) -> bool:
+    """Whether process `pid` runs on this host; True where that cannot be checked."""
     if os.name != "posix":
-        return False  # os.kill(pid, 0) would end the process on Windows
+        return True  # os.kill(pid, 0) would end the process on Windows
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
-        return True
-    except PermissionError:  # it exists, run by another user
         return False
-    return False
+    except PermissionError:  # it exists, run by another user
+        pass
+    return True
+
+
+def _silence(holder: dict, now: float) -> float | None:
+    """Seconds since a lock's last heartbeat, at time `now`; None if it records none."""
+    heartbeat = holder.get("heartbeat")
+    return now - heartbeat if _is_number(heartbeat) else None
+
+
+def _lock_timeout(holder: dict) -> float:
+    """How long a lock from another machine may go without a heartbeat before it is stale."""
+    epoch = holder.get("epoch_seconds")
+    return max(_LOCK_TIMEOUT_SECONDS, _LOCK_TIMEOUT_EPOCHS * epoch if _is_number(epoch) else 0)
+
+
+def _describe_holder(holder: dict, now: float) -> str:
+    """The run a lock names, in words: where it runs, since when, and its last heartbeat."""
+    if not holder:
+        return "its lock file is empty or unreadable: being written, or left by a crash"
+    silence = _silence(holder, now)
+    # Minutes ago, not a time of day: the other machine's clock and time zone may differ.
+    heartbeat = "unknown" if silence is None else f"{max(0.0, silence) / 60:.0f} min ago"
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
+        f"last heartbeat {heartbeat}"
+    )
+
+
+def _in_use_message(lock: Path, holder: dict, now: float) -> str:
+    """The refusal of a folder whose lock names a run that may be live: which, and the fixes."""
+    text = (
+        f"{lock.parent} is in use by another run ({_describe_holder(holder, now)}, per {lock}): "
+        "two runs in one folder overwrite each other's checkpoints. Pass another checkpoint_dir; "
+        f"or, if that run has ended, delete {lock} and run again"
+    )
+    silence = _silence(holder, now)
+    if holder.get("host") == socket.gethostname() or silence is None:
+        return f"{text}."
+    timeout = _lock_timeout(holder)
+    return (
+        f"{text}; or wait: a run on another machine renews its lock every epoch, and a lock not "
+        f"renewed for {timeout / 60:.0f} min (its Colab VM disconnected, say) is taken over, this "
+        f"one in {math.ceil(max(0.0, timeout - silence) / 60)} min."
+    )
+
+
+def _local_time(seconds: float) -> str:
+    """A time (seconds since the epoch) as local date and time, to the second."""
+    return datetime.datetime.fromtimestamp(seconds).isoformat(" ", "seconds")
 
 
 def _drop_orphans(folder: Path) -> None:
@@ -497,7 +606,7 @@ def _drop_orphans(folder: Path) -> None:
 
     Only the lock's holder calls this: no other run can be writing them.
     """
-    for name in _RUN_FILES:
+    for name in (*_RUN_FILES, _LOCK):
         for orphan in folder.glob(f".{name}.*"):
             orphan.unlink(missing_ok=True)
 
@@ -1335,14 +1444,18 @@ def _score_average(
         getattr(history, f"ema_{split}_acc").append(accuracy)
 
 
-def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
-    """Write last.pt and history.json; best.pt too when validation is at its best yet.
+def _save_run(lock: _RunLock, state: _TrainState, config: TrainConfig) -> None:
+    """Renew the folder's lock, then write last.pt and history.json; best.pt too when
+    validation is at its best yet.
 
-    Only a validation score picks best.pt (of tied epochs, the later one): picking an epoch by
-    its test score would flatter the test set. best.pt goes first: a kill between the two
-    writes then resumes from the epoch before, which is recomputed, instead of losing a best
-    epoch that last.pt already counted.
+    The lock first: a run whose folder another run has taken over stops before writing. Only a
+    validation score picks best.pt (of tied epochs, the later one): picking an epoch by its
+    test score would flatter the test set. best.pt goes first: a kill between the two writes
+    then resumes from the epoch before, which is recomputed, instead of losing a best epoch
+    that last.pt already counted.
     """
+    lock.refresh()
+    folder = lock.folder
     val_acc = state.history.val_acc
     if val_acc and val_acc[-1] >= max(val_acc):
         _save_checkpoint(folder / "best.pt", state, config)
@@ -1389,7 +1502,10 @@ def fit(
         checkpoint_dir: if given, `last.pt` and `history.json` are written there atomically
             after every epoch, never with a NaN or infinity in them (and `best.pt`, see
             `val_loader`). The run holds `checkpoint_dir/run.lock` meanwhile: a second run
-            there is refused (FolderInUseError); a lock whose process has ended is taken over.
+            there is refused (FolderInUseError). The lock is renewed before every epoch's
+            checkpoint, and taken over once its run has ended: on this machine, once its
+            process is gone; from another (a Colab VM cut off by a disconnect), once it has
+            gone unrenewed for 10 minutes, or three of its epochs if longer.
         resume: continue from `checkpoint_dir/last.pt` when it exists (after checking it is
             the same recipe, data and network, and intact). Otherwise an earlier run's files
             there are moved into a new `previous-<time>` subfolder, never overwritten.
@@ -1449,14 +1565,14 @@ def fit(
         setups=[{"from_epoch": 1, "setup": _run_setup(train_loader, device, config)}],
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    with _folder_lock(folder), _cudnn_autotuning(device):
-        if folder is not None:
-            _open_folder(folder, state, config, resume, allow_other_setup)
+    with _folder_lock(folder) as lock, _cudnn_autotuning(device):
+        if lock is not None:
+            _open_folder(lock.folder, state, config, resume, allow_other_setup)
         for epoch in range(state.history.epochs + 1, config.epochs + 1):
             try:
                 _run_epoch(state, train_loader, scored, device, config, epoch, progress)
-                if folder is not None:
-                    _save_run(folder, state, config)
+                if lock is not None:
+                    _save_run(lock, state, config)
             except NonFiniteLossError as err:
                 advice = _divergence_advice(config, folder, epoch - 1)
                 raise NonFiniteLossError(f"{err} {advice}") from None

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -574,7 +575,8 @@ def test_a_new_run_moves_the_earlier_run_aside_instead_of_overwriting_it(
 
 
 def test_fit_removes_the_temp_files_of_a_killed_write(tmp_path: Path) -> None:
-    orphans = [tmp_path / name for name in (".last.pt.k2x9a", ".best.pt.3fz", ".history.json.q")]
+    orphans = [tmp_path / name for name in
+               (".last.pt.k2x9a", ".best.pt.3fz", ".history.json.q", ".run.lock.x7")]
     for path in (*orphans, tmp_path / ".notes"):
         path.write_bytes(b"half a file")
     with pytest.raises(KeyboardInterrupt):  # the first training step: the folder is ready by then
@@ -625,9 +627,10 @@ def test_a_second_run_in_a_busy_folder_is_refused_and_leaves_the_first_alone(
     assert len(refusals) == 1 and re.fullmatch(
         re.escape(f"{tmp_path} is in use by another run (pid {os.getpid()} on "
                   f"{socket.gethostname()}, started ") + r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+        + r", last heartbeat \d+ min ago"
         + re.escape(f", per {lock}): two runs in one folder overwrite each other's checkpoints. "
-                    "Pass another checkpoint_dir; or, if that run has ended (its process gone, "
-                    f"say with its Colab VM), delete {lock} and run again."),
+                    f"Pass another checkpoint_dir; or, if that run has ended, delete {lock} and "
+                    "run again."),
         refusals[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]  # no lock
     assert History.load(tmp_path / "history.json") == history and history.epochs == 2
@@ -643,9 +646,168 @@ def test_a_lock_whose_process_has_ended_is_taken_over(
     assert tiny_fit(tmp_path).epochs == 1
     assert capsys.readouterr().out == (
         f"Taking over {tmp_path / 'run.lock'}: its run (pid {holder['pid']} on "
-        f"{holder['host']}, started yesterday) has ended\n"
+        f"{holder['host']}, started yesterday, last heartbeat unknown) has ended\n"
     )
     assert not (tmp_path / "run.lock").exists()
+
+
+def lock_record(**fields: object) -> dict:
+    """A run.lock as another run writes it: by default on another machine, renewed just now."""
+    return {"run": "0" * 32, "pid": 1, "host": "colab-vm-7f3a", "started": "2026-01-02 03:04:05",
+            "heartbeat": time.time(), "epoch_seconds": 20.0, **fields}
+
+
+@pytest.mark.parametrize(
+    ("silent_minutes", "epoch_seconds", "taken_over"),
+    [(60, 20.0, True), (5, 20.0, False), (20, 600.0, False), (40, 600.0, True)],
+    ids=["cut-off-an-hour-ago", "renewed-5-min-ago", "3-long-epochs-not-yet", "3-long-epochs-past"],
+)
+def test_a_lock_from_another_machine_is_taken_over_once_unrenewed_for_long(
+    tmp_path: Path, capsys: pytest.CaptureFixture, silent_minutes: int, epoch_seconds: float,
+    taken_over: bool,
+) -> None:
+    # Never taken over before: after a Colab disconnect, every resume on a new VM (USE_DRIVE,
+    # RESUME) stopped on the old VM's lock until the student deleted it.
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps(lock_record(heartbeat=time.time() - 60 * silent_minutes,
+                                           epoch_seconds=epoch_seconds)))
+    described = ("pid 1 on colab-vm-7f3a, started 2026-01-02 03:04:05, last heartbeat "
+                 r"\d+ min ago")  # about silent_minutes: the test's own time passes too
+    if taken_over:
+        assert tiny_fit(tmp_path).epochs == 1
+        assert re.fullmatch(re.escape(f"Taking over {lock}: its run (") + described
+                            + r"\) has ended\n", capsys.readouterr().out)
+        assert not lock.exists()
+        return
+    with pytest.raises(utils.FolderInUseError, match=described + re.escape(f", per {lock})")
+                       + r".* not renewed for " + f"{max(10, 3 * epoch_seconds / 60):.0f} min"):
+        tiny_fit(tmp_path)
+
+
+def test_a_refusal_names_the_lock_s_run_its_heartbeat_and_when_it_is_taken_over(
+    tmp_path: Path,
+) -> None:
+    now, lock = 1_000_000.0, tmp_path / "run.lock"
+    holder = lock_record(heartbeat=now - 20 * 60, epoch_seconds=600.0)  # 3 epochs: 30 minutes
+    assert utils._in_use_message(lock, holder, now) == (
+        f"{tmp_path} is in use by another run (pid 1 on colab-vm-7f3a, started 2026-01-02 "
+        f"03:04:05, last heartbeat 20 min ago, per {lock}): two runs in one folder overwrite "
+        f"each other's checkpoints. Pass another checkpoint_dir; or, if that run has ended, "
+        f"delete {lock} and run again; or wait: a run on another machine renews its lock every "
+        "epoch, and a lock not renewed for 30 min (its Colab VM disconnected, say) is taken "
+        "over, this one in 10 min."
+    )
+
+
+def test_a_lock_is_stale_by_its_process_here_and_by_its_heartbeat_elsewhere() -> None:
+    now = 1_000_000.0
+
+    def elsewhere(silence: float, epoch_seconds: float | None = None) -> dict:
+        return lock_record(heartbeat=now - silence, epoch_seconds=epoch_seconds)
+
+    assert not utils._is_stale(elsewhere(599), now) and utils._is_stale(elsewhere(601), now)
+    assert not utils._is_stale(elsewhere(899, 300), now)  # 3 epochs of 300 s: 900 s
+    assert utils._is_stale(elsewhere(901, 300), now)
+    assert not utils._is_stale({"pid": 1, "host": "colab-vm-7f3a"}, now)  # no heartbeat to judge
+    assert not utils._is_stale({}, now)
+    here = lock_record(host=socket.gethostname(), heartbeat=now - 10**6)
+    assert not utils._is_stale({**here, "pid": os.getppid()}, now)  # its process lives
+    # This process's pid, but none of its runs: an earlier process's (a restarted container).
+    assert utils._is_stale({**here, "pid": os.getpid()}, now)
+
+
+def test_the_lock_is_renewed_before_each_epochs_checkpoint_with_the_epochs_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = []
+    refresh = utils._RunLock.refresh
+
+    def recording_refresh(lock: utils._RunLock) -> None:
+        before = json.loads(lock.path.read_text())
+        refresh(lock)
+        records.append((before, json.loads(lock.path.read_text())))
+
+    monkeypatch.setattr(utils._RunLock, "refresh", recording_refresh)
+    tiny_fit(tmp_path, epochs=3)
+    assert len(records) == 3 and records[0][0]["epoch_seconds"] is None
+    for before, after in records:
+        assert after["heartbeat"] >= before["heartbeat"]
+        assert after["epoch_seconds"] == after["heartbeat"] - before["heartbeat"]
+        assert {k: after[k] for k in ("run", "pid", "host", "started")} == {
+            k: records[0][0][k] for k in ("run", "pid", "host", "started")}
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_writing(tmp_path: Path) -> None:
+    # A run judged abandoned (no heartbeat for long) went on writing over the run that took
+    # its folder over.
+    other = lock_record()
+    lock = tmp_path / "run.lock"
+    with pytest.raises(utils.FolderInUseError, match=re.escape(
+            f"{lock} no longer names this run (pid 1 on colab-vm-7f3a, started 2026-01-02 "
+            "03:04:05, last heartbeat ") + r"\d+ min ago\): .* This run stops before writing "
+            "its checkpoint"):
+        tiny_fit(tmp_path, model=RunsAt(2 + 1, lambda: lock.write_text(json.dumps(other))),
+                 epochs=2)  # taken over in epoch 2
+    assert History.load(tmp_path / "history.json").epochs == 1
+    assert len(torch.load(tmp_path / "last.pt", weights_only=True)["history"]["seconds"]) == 1
+    assert json.loads(lock.read_text()) == other
+
+
+def test_two_runs_taking_over_one_stale_lock_do_not_both_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # B and C both found A's lock stale; B replaced it with its own, then C deleted B's and
+    # made its own: two runs in one folder.
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps(lock_record(heartbeat=time.time() - 3600)))  # A: cut off
+    is_stale = utils._is_stale
+    b = utils._RunLock(tmp_path)
+
+    def b_takes_over_meanwhile(holder: dict, now: float) -> bool:
+        monkeypatch.setattr(utils, "_is_stale", is_stale)
+        b.take()  # between C's look at A's lock and C's takeover
+        return is_stale(holder, now)
+
+    monkeypatch.setattr(utils, "_is_stale", b_takes_over_meanwhile)
+    c = utils._RunLock(tmp_path)
+    try:
+        with pytest.raises(utils.FolderInUseError, match=re.escape(
+                f"{tmp_path} is in use by another run (pid {os.getpid()} on "
+                f"{socket.gethostname()}")):
+            c.take()
+        assert json.loads(lock.read_text()) == b.record
+        assert not (tmp_path / "run.lock.takeover").exists()
+    finally:
+        b.release()
+
+
+def test_a_takeover_under_way_is_not_joined(tmp_path: Path) -> None:
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps(lock_record(heartbeat=time.time() - 3600)))
+    takeover = tmp_path / "run.lock.takeover"
+    takeover.write_text(json.dumps(lock_record()))
+    with pytest.raises(utils.FolderInUseError, match=re.escape(
+            f"another run is taking over {lock} just now (it holds {takeover}). Run again in a "
+            f"moment; if no other run is starting there, delete {takeover} first.")):
+        tiny_fit(tmp_path)
+    assert takeover.exists()
+
+
+def test_a_lock_removed_before_its_release_leaves_the_error_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The release read the lock, then deleted it: removed in between (by hand, say), its
+    # FileNotFoundError replaced the run's own error.
+    lock_holder = utils._lock_holder
+
+    def read_then_removed(path: Path) -> dict:
+        holder = lock_holder(path)
+        path.unlink()
+        return holder
+
+    monkeypatch.setattr(utils, "_lock_holder", read_then_removed)  # read only by the release here
+    with pytest.raises(KeyboardInterrupt):
+        tiny_fit(tmp_path, model=InterruptAt(n=1))
 
 
 @pytest.mark.parametrize("holder", [
