@@ -61,27 +61,51 @@ MAX_BATCH_BYTES = 64 * 2**20
 _MAX_OPCODES = 200_000
 _MAX_STACK = 2 * BATCH_IMAGES  # all of a batch's labels or filenames may be on it at once
 _MAX_MARKS = 16  # a batch nests: dict > array state > dtype state
+# How deep objects may nest, each container or call result one deeper than what it holds. A
+# batch nests 6 deep at most (dict > list of numpy-int labels > a label > its arguments > their
+# dtype > its state). Far deeper tuples crash CPython: hashing one as a dict key recurses in C.
+_MAX_DEPTH = 8
 _MAX_DICT_ENTRIES = 64  # a batch is one dict of 4 entries
 _MAX_INT_BITS = 64
 _MAX_DIMS = 64  # numpy's own limit on an array's dimensions
-# Every opcode that pickle protocols 2 to 5 use for a batch: Python 2's (the official files),
-# and Python 3's with numpy 1.x or 2.x. Sets, frozensets, floats, text-protocol opcodes,
-# NEWOBJ and out-of-band buffers are not among them.
-_BATCH_OPCODES = frozenset((
-    "PROTO", "FRAME", "STOP", "MARK", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "TUPLE",
-    "TUPLE1", "TUPLE2", "TUPLE3", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "BINPUT",
-    "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET", "GLOBAL", "STACK_GLOBAL", "REDUCE",
-    "BUILD", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1",
-    "SHORT_BINSTRING", "BINSTRING", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
-    "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8",
+
+# The opcodes that pickle protocols 2 to 5 use for a batch (Python 2's, as in the official
+# files, and Python 3's with numpy 1.x or 2.x), by what they do to the unpickler's stack. Sets,
+# frozensets, floats, text-protocol opcodes, NEWOBJ and out-of-band buffers are not among them.
+_LEAF_OPCODES = frozenset((  # push a string, number, None, bool or global: a leaf
+    "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "SHORT_BINSTRING",
+    "BINSTRING", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINBYTES", "BINBYTES",
+    "BINBYTES8", "BYTEARRAY8", "GLOBAL", "STACK_GLOBAL",
 ))
-_CONTAINER_OPCODES = frozenset(("EMPTY_DICT", "EMPTY_LIST", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"))
-# Opcodes that change the object below their arguments and leave it on the stack.
-_UPDATE_OPCODES = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "MEMOIZE"))
+_CONTAINER_OPCODES = frozenset((  # push a new tuple, list or dict
+    "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+))
+_CALL_OPCODES = frozenset(("REDUCE",))  # push a call's result, which holds its arguments
+# Change the object below their arguments (a list, a dict, a call's result) and leave it there.
+_UPDATE_OPCODES = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD"))
+_DICT_OPCODES = frozenset(("SETITEM", "SETITEMS"))  # their arguments are key, value pairs
+_MARK_OPCODES = frozenset(("TUPLE", "APPENDS", "SETITEMS"))  # take everything above the mark
+_MEMO_WRITE_OPCODES = frozenset(("BINPUT", "LONG_BINPUT", "MEMOIZE"))  # store the top object
+_MEMO_READ_OPCODES = frozenset(("BINGET", "LONG_BINGET"))  # push a stored object
+_BATCH_OPCODES = (
+    _LEAF_OPCODES | _CONTAINER_OPCODES | _CALL_OPCODES | _UPDATE_OPCODES | _MEMO_WRITE_OPCODES
+    | _MEMO_READ_OPCODES | {"PROTO", "FRAME", "MARK", "STOP"}
+)
+# How many objects each opcode pops besides a mark and what is above it: pickletools' list of
+# what it takes, less those two. (Memo writes pop nothing; they store the top object.)
+_POPPED = {
+    op.name: sum(x not in (pickletools.markobject, pickletools.stackslice) for x in op.stack_before)
+    for op in pickletools.opcodes
+    if op.name in _BATCH_OPCODES - _MEMO_WRITE_OPCODES
+}
 
 
 class CIFAR10FormatError(ValueError):
     """CIFAR-10 data on disk (a batch, or the downloaded archive) that is unsafe or corrupt."""
+
+
+class RefusedFileError(ValueError):
+    """A file `read_regular_file` will not read: not a regular file, too large, or growing."""
 
 
 class _NotABatch(pickle.UnpicklingError):
@@ -210,7 +234,7 @@ def _scan_pickle(content: bytes) -> None:
 
     Walks the opcodes as the unpickler would, tracking only the stack's shape (`_PickleShape`),
     so the unpickler then cannot allocate more than a small multiple of the file's size, nor
-    spend more than linear time on it.
+    spend more than linear time on it, nor nest objects deep enough to crash CPython.
     """
     shape = _PickleShape()
     for count, (opcode, arg, _) in enumerate(pickletools.genops(content), start=1):
@@ -220,43 +244,59 @@ def _scan_pickle(content: bytes) -> None:
             raise _NotABatch(f"more than {_MAX_OPCODES:,} pickle opcodes; a batch has ~40,000")
         if opcode.name == "LONG1" and arg.bit_length() > _MAX_INT_BITS:
             raise _NotABatch(f"an integer of {arg.bit_length()} bits; a batch's fit in 64")
-        shape.apply(opcode, arg)
+        shape.apply(opcode.name, arg)
     if shape.stack or shape.marks:
         raise _NotABatch("objects left on the stack after its end")
+
+
+@dataclass(slots=True)
+class _Built:
+    """A tuple, list, dict or call result that the file builds, as `_scan_pickle` tracks it."""
+
+    container: bool  # a tuple, list or dict, which the memo may not share (see _PickleShape)
+    depth: int = 1  # how deep objects nest in it, itself included
+    inside: bool = False  # held by another object, so it may change no more
+
+
+# A stack or memo entry: what the file built, or None for a leaf (a string, number, None or
+# global), which holds nothing and which no opcode of a batch changes.
+_Entry = _Built | None
 
 
 @dataclass
 class _PickleShape:
     """The unpickler's state as `_scan_pickle` tracks it: the stack's shape, marks and memo.
 
-    A stack entry is True for a list, dict or tuple that the file built: the memo may share
-    anything else (strings, numbers, numpy objects), but containers shared nest exponentially
-    and a batch shares none.
+    The memo may share leaves and call results (numpy dtypes), never a tuple, list or dict:
+    shared containers nest exponentially, and a batch shares none. An object is complete
+    before another holds it, so the depth recorded for everything holding it stays true.
     """
 
-    stack: list[bool] = field(default_factory=list)
+    stack: list[_Entry] = field(default_factory=list)
     marks: list[int] = field(default_factory=list)
-    memo: dict[int, bool] = field(default_factory=dict)
+    memo: dict[int, _Entry] = field(default_factory=dict)
+    memo_writes: int = 0
     dict_entries: int = 0
 
-    def apply(self, opcode: pickletools.OpcodeInfo, arg: object) -> None:
+    def apply(self, name: str, arg: object) -> None:
         """Apply one opcode's effect on the stack, memo and counts; refuse one beyond a batch's."""
-        name = opcode.name
-        below = self._pop_arguments(opcode)
-        if "GET" in name:
-            if self.memo.get(arg, True):
-                raise _NotABatch(
-                    f"{name} {arg} reads a memo entry that is missing or holds a list, dict or "
-                    "tuple: a batch shares none, and shared containers nest exponentially"
-                )
-            self.stack.append(False)
-        elif opcode.stack_after:
-            self.stack.append(below if name in _UPDATE_OPCODES else name in _CONTAINER_OPCODES)
-        if "PUT" in name or name == "MEMOIZE":
-            index = len(self.memo) if name == "MEMOIZE" else arg
-            if not self.stack or index > len(self.memo):
-                raise _NotABatch(f"{name} {index} skips memo entries (it holds {len(self.memo)})")
-            self.memo[index] = self.stack[-1]
+        if name == "MARK":
+            self.marks.append(len(self.stack))
+        elif name in _MEMO_WRITE_OPCODES:
+            self._memo_write(name, arg)
+        elif name in _MEMO_READ_OPCODES:
+            self.stack.append(self._memo_read(name, arg))
+        else:
+            above_mark = self._pop_to_mark(name) if name in _MARK_OPCODES else []
+            popped = self._pop(name, _POPPED[name])
+            if name in _UPDATE_OPCODES:
+                self._update(name, popped[0], popped[1:] + above_mark)
+            elif name in _CONTAINER_OPCODES or name in _CALL_OPCODES:
+                built = _Built(container=name in _CONTAINER_OPCODES)
+                self._hold(built, popped + above_mark)
+                self.stack.append(built)
+            elif name in _LEAF_OPCODES:
+                self.stack.append(None)
         if (len(self.stack) > _MAX_STACK or len(self.marks) > _MAX_MARKS
                 or self.dict_entries > _MAX_DICT_ENTRIES):
             raise _NotABatch(
@@ -265,26 +305,76 @@ class _PickleShape:
                 f"{_MAX_STACK:,}, {_MAX_MARKS} and {_MAX_DICT_ENTRIES}"
             )
 
-    def _pop_arguments(self, opcode: pickletools.OpcodeInfo) -> bool:
-        """Pop `opcode`'s arguments (down to its mark), count dict entries; the deepest popped."""
-        name = opcode.name
-        if name == "MARK":
-            self.marks.append(len(self.stack))
-        elif pickletools.markobject in opcode.stack_before:  # TUPLE, APPENDS, SETITEMS
-            if not self.marks:
-                raise _NotABatch(f"{name} without a MARK before it")
-            start = self.marks.pop()
-            if name == "SETITEMS":
-                self.dict_entries += (len(self.stack) - start) // 2
-            del self.stack[start:]
-        if name == "SETITEM":
-            self.dict_entries += 1
-        count = len(opcode.stack_before) - 2 * (pickletools.markobject in opcode.stack_before)
-        if len(self.stack) < count:
+    def _floor(self) -> int:
+        """The lowest stack position an opcode may reach: the unpickler fences off a mark's."""
+        return self.marks[-1] if self.marks else 0
+
+    def _pop_to_mark(self, name: str) -> list[_Entry]:
+        """Pop the innermost mark and every object above it."""
+        if not self.marks:
+            raise _NotABatch(f"{name} without a MARK before it")
+        start = self.marks.pop()
+        above = self.stack[start:]
+        del self.stack[start:]
+        return above
+
+    def _pop(self, name: str, count: int) -> list[_Entry]:
+        """Pop `count` objects, the deepest first."""
+        start = len(self.stack) - count
+        if start < self._floor():
             raise _NotABatch(f"{name} finds too few objects on the stack")
-        popped = self.stack[len(self.stack) - count :]
-        del self.stack[len(self.stack) - count :]
-        return popped[0] if popped else False
+        popped = self.stack[start:]
+        del self.stack[start:]
+        return popped
+
+    def _update(self, name: str, target: _Entry, parts: list[_Entry]) -> None:
+        """Put `parts` into `target` (APPEND, SETITEM, BUILD) and push it back."""
+        if target is None or target.inside:
+            changed = "a string, number or global" if target is None else "an object another holds"
+            raise _NotABatch(
+                f"{name} changes {changed}: a batch changes only the lists, dicts and arrays it "
+                "is building"
+            )
+        if name in _DICT_OPCODES:
+            self.dict_entries += len(parts) // 2
+        self._hold(target, parts)
+        self.stack.append(target)
+
+    def _hold(self, holder: _Built, parts: list[_Entry]) -> None:
+        """Record that `holder` holds `parts`: they are finished, and it is deeper than each."""
+        for part in parts:
+            if part is not None:
+                part.inside = True
+                holder.depth = max(holder.depth, part.depth + 1)
+        if holder.depth > _MAX_DEPTH:
+            raise _NotABatch(
+                f"objects nested {holder.depth} deep, more than the {_MAX_DEPTH} allowed (a batch "
+                "nests 6)"
+            )
+
+    def _memo_write(self, name: str, index: object) -> None:
+        """Store the top object, at an index no later than the memo writes so far allow."""
+        if len(self.stack) <= self._floor():
+            raise _NotABatch(f"{name} with nothing on the stack to store")
+        self.memo_writes += 1
+        index = len(self.memo) if name == "MEMOIZE" else index
+        # Pickle numbers its memo from 0, Python 2's cPickle (the official batches) from 1. A
+        # larger index would make the unpickler size its memo table by it first.
+        if index > self.memo_writes:
+            raise _NotABatch(
+                f"{name} {index} skips memo entries (it is memo write {self.memo_writes})"
+            )
+        self.memo[index] = self.stack[-1]
+
+    def _memo_read(self, name: str, index: object) -> _Entry:
+        """The stored object at `index`, unless missing or a container."""
+        entry = self.memo.get(index)
+        if index not in self.memo or (entry is not None and entry.container):
+            raise _NotABatch(
+                f"{name} {index} reads a memo entry that is missing or holds a list, dict or "
+                "tuple: a batch shares none, and shared containers nest exponentially"
+            )
+        return entry
 
 
 def _as_bytes(raw: str | bytes | bytearray) -> bytes | bytearray:
@@ -333,13 +423,17 @@ def _array(stub: object) -> np.ndarray:
 
 
 def _byte_count(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """The bytes an array of `shape` holds, refused beyond a batch's before it is multiplied out."""
-    limit = BATCH_IMAGES * IMAGE_BYTES
+    """The bytes an array of `shape` holds, refused where no numpy array or batch is so large."""
     if len(shape) > _MAX_DIMS:
         raise _NotABatch(f"an array of {len(shape)} dimensions; numpy allows {_MAX_DIMS}")
-    # each side is bounded before the product: one of many huge sides takes quadratic time
-    size = math.prod(shape) * dtype.itemsize if max(shape, default=0) <= limit else None
-    if size is None or size > limit:
+    if max(shape, default=0).bit_length() > _MAX_INT_BITS:
+        raise _NotABatch(
+            f"an array of shape {shape!r:.60}: a side of more than {_MAX_INT_BITS} bits"
+        )
+    # At most 64 sides of at most 64 bits: a product of at most 4,096 bits, quick however huge
+    # (a product of many huge sides grows with each and takes quadratic time).
+    size = math.prod(shape) * dtype.itemsize
+    if size > BATCH_IMAGES * IMAGE_BYTES:
         raise _NotABatch(
             f"an array of shape {shape!r:.60}: more than a batch of {BATCH_IMAGES} images holds"
         )
@@ -370,22 +464,24 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     """All the bytes of `path`, which must be a regular file of at most `limit` bytes.
 
     A directory, FIFO or device is refused unread (a FIFO would block, /dev/zero never ends).
-    Raises OSError when `path` cannot be opened or read, ValueError for any other refusal.
+    Raises OSError when `path` cannot be opened or read, RefusedFileError for any other refusal.
     """
     # O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, forever
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"it is {_file_kind(info.st_mode)}, not a regular file")
+            raise RefusedFileError(f"it is {_file_kind(info.st_mode)}, not a regular file")
         if info.st_size > limit:
-            raise ValueError(f"it holds {info.st_size:,} bytes, more than the {limit:,} allowed")
+            raise RefusedFileError(
+                f"it holds {info.st_size:,} bytes, more than the {limit:,} allowed"
+            )
         with open(fd, "rb", closefd=False) as file:
             content = file.read(info.st_size + 1)
     finally:
         os.close(fd)
     if len(content) > info.st_size:
-        raise ValueError("it grew while it was read (is something still writing it?)")
+        raise RefusedFileError("it grew while it was read (is something still writing it?)")
     return content
 
 
@@ -409,7 +505,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: cannot read this batch ({err.strerror or err}). Check that it exists and "
             f"that you may read it; else: {fix}"
         ) from err
-    except ValueError as err:
+    except RefusedFileError as err:
         raise CIFAR10FormatError(f"{path}: not a CIFAR-10 batch file ({err}). {fix}") from err
     try:
         _scan_pickle(content)

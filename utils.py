@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import errno
 import functools
 import io
 import json
 import math
+import numbers
 import os
 import pickle
 import random
@@ -17,6 +19,8 @@ import re
 import socket
 import tempfile
 import time
+import typing
+import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dataset import CLASSES, read_regular_file, seed_epoch
+from dataset import CLASSES, RefusedFileError, read_regular_file, seed_epoch
 from transforms import denormalize, describe_transform
 
 
@@ -173,7 +177,10 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        """Refuse a recipe that would fail mid-run, naming each bad field and its valid range."""
+        """Refuse a recipe that would fail mid-run, naming each bad field and its valid range.
+
+        Numbers of numpy types (from a sweep over np.linspace, say) are stored as plain ones.
+        """
         wrong_types = _wrong_types(self)
         if wrong_types:
             raise TypeError(
@@ -199,10 +206,10 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
             ("seed", 0 <= self.seed < 2**32, "in [0, 2**32) (numpy's seeds)"),
         )
-        infinite = [f.name for f in dataclasses.fields(self)
-                    if f.type == "float" and not math.isfinite(getattr(self, f.name))]
-        problems = [f"{name}={getattr(self, name)!r} must be finite" for name in infinite] + [
-            f"{name}={getattr(self, name)!r} must be {rule}"
+        infinite = [name for name, kind in _field_types().items()
+                    if kind is float and not _is_finite(getattr(self, name))]
+        problems = [f"{name}={getattr(self, name)!r:.40} must be finite" for name in infinite] + [
+            f"{name}={getattr(self, name)!r:.40} must be {rule}"
             for name, ok, rule in rules if not ok and name not in infinite
         ]
         if problems:
@@ -210,28 +217,48 @@ class TrainConfig:
                 f"invalid TrainConfig: {'; '.join(problems)}. Pass values in those ranges "
                 "(TrainConfig() holds the measured recipe)."
             )
+        # Plain values: weights_only loading refuses a checkpoint holding numpy's.
+        for name, kind in _field_types().items():
+            setattr(self, name, kind(getattr(self, name)))
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-# The exact types each annotation of a TrainConfig field accepts: a bool is an int to Python
-# but no count, and numpy numbers would make checkpoints that weights_only loading refuses.
-_FIELD_TYPES = {
-    "bool": ((bool,), "a bool (True or False)"),
-    "int": ((int,), "an int"),
-    "float": ((int, float), "a number (an int or a float)"),
-    "str": ((str,), "a string"),
+# What each annotated type of a TrainConfig field accepts, in words: a bool is an int to
+# Python but no count or rate, and a number may be numpy's (it is stored as a plain one).
+_ACCEPTED = {
+    bool: (lambda value: isinstance(value, (bool, np.bool_)), "a bool (True or False)"),
+    int: (lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool),
+          "an int"),
+    float: (lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool),
+            "a number (an int or a float)"),
+    str: (lambda value: isinstance(value, str), "a string"),
 }
+
+
+@functools.cache
+def _field_types() -> dict[str, type]:
+    """Each TrainConfig field's annotated type (bool, int, float or str)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {spec.name: hints[spec.name] for spec in dataclasses.fields(TrainConfig)}
 
 
 def _wrong_types(config: TrainConfig) -> list[str]:
     """Each field of `config` whose value is not of its annotated type, with the type it needs."""
     wrong = []
-    for spec in dataclasses.fields(config):
-        types, kind = _FIELD_TYPES.get(spec.type, (None, ""))
-        value = getattr(config, spec.name)
-        if types is not None and type(value) not in types:
-            wrong.append(f"{spec.name}={value!r:.40} must be {kind}, not {type(value).__name__}")
+    for name, kind in _field_types().items():
+        accepts, described = _ACCEPTED[kind]
+        value = getattr(config, name)
+        if not accepts(value):
+            wrong.append(f"{name}={value!r:.40} must be {described}, not {type(value).__name__}")
     return wrong
+
+
+def _is_finite(value: numbers.Real) -> bool:
+    """math.isfinite, where a number too large for a float is infinite, not an OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @dataclass
@@ -323,8 +350,19 @@ class FolderInUseError(RuntimeError):
 
 # The files of one run in a checkpoint folder: a new run moves them aside, never overwrites them.
 _RUN_FILES = ("last.pt", "best.pt", "history.json")
-# Held by the run that uses a checkpoint folder: the process id, its host and its start.
+# Held by the run that uses a checkpoint folder, naming it (see `_new_lock_record`) and renewed
+# before each epoch's checkpoint.
 _LOCK = "run.lock"
+# Held while a stale lock is replaced, so that two runs never both take one over.
+_TAKEOVER = "run.lock.takeover"
+# A lock from another machine, whose process cannot be looked up, counts as abandoned once its
+# last renewal is this old, or three of its run's epochs if longer: a Colab disconnect ends the
+# VM before its run can remove the lock.
+_LOCK_TIMEOUT_SECONDS = 600
+_LOCK_TIMEOUT_EPOCHS = 3
+# The runs (see `_new_lock_record`) whose locks this process holds. A lock naming this process's
+# pid but none of them was left by an earlier process with that pid (a restarted container).
+_RUNS_HERE: set[str] = set()
 # The fallback torch.save raises when its writes fail (a full disk, say).
 _TORCH_WRITE_FAILED = "PytorchStreamWriter failed"
 
@@ -344,115 +382,223 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) or _TORCH_WRITE_FAILED in str(err):
-            full = not isinstance(err, OSError) or err.errno in (errno.ENOSPC, errno.EDQUOT)
-            reason = "the disk is full" if full else err.strerror or str(err)
-            raise OSError(
-                f"could not write {path} ({reason}); the files written before are untouched. "
-                f"{'Free some disk space' if full else 'Fix that'} (or pass another "
-                "checkpoint_dir), then run again with resume=True."
-            ) from err
-        raise
+        reason, fix = _write_failure(err)
+        if reason is None:
+            raise
+        raise OSError(
+            f"could not write {path} ({reason}); the files written before are untouched. {fix}, "
+            "or pass another checkpoint_dir; then run again with resume=True."
+        ) from err
+
+
+def _write_failure(err: BaseException) -> tuple[str | None, str]:
+    """Why a write failed and what to do, in words; (None, "") for an error no write causes."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full", "Free some disk space"
+    if isinstance(err, OSError):
+        return err.strerror or str(err), "Fix that"
+    if _TORCH_WRITE_FAILED in str(err):  # torch's own error does not say why
+        return (
+            "writing failed (disk full, or the folder unreachable?)",
+            "Free some disk space or check that the folder is reachable",
+        )
+    return None, ""
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path | None) -> Iterator[None]:
+def _folder_lock(folder: Path | None) -> Iterator[_RunLock | None]:
     """Hold `folder`'s lock while the body runs (nothing without a folder): one run per folder."""
     if folder is None:
-        yield
+        yield None
         return
-    lock = folder / _LOCK
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
-    _take_lock(lock, record)
+    lock = _RunLock(folder)
+    lock.take()
     try:
-        yield
+        yield lock
     finally:
-        if _lock_record(lock) == record:  # a lock taken over meanwhile is no longer this run's
-            lock.unlink()
+        lock.release()
 
 
-def _take_lock(lock: Path, record: str) -> None:
-    """Create `lock` holding `record`; take over a stale lock, refuse a live run's."""
-    if _create_lock(lock, record):
-        return
-    holder = _lock_holder(lock)
-    if not _is_stale(holder):
-        raise FolderInUseError(
-            f"{lock.parent} is in use by another run ({_describe_holder(holder)}, per {lock}): two "
-            f"runs in one folder overwrite each other's checkpoints. Pass another checkpoint_dir; "
-            f"or, if that run has ended (its process gone, say with its Colab VM), delete {lock} "
-            "and run again."
-        )
-    print(f"Taking over {lock}: its run ({_describe_holder(holder)}) has ended")
-    lock.unlink(missing_ok=True)
-    if not _create_lock(lock, record):
-        raise FolderInUseError(
-            f"{lock.parent} was taken by another run ({_describe_holder(_lock_holder(lock))}) "
-            "just now. Pass another checkpoint_dir."
-        )
+def _new_lock_record() -> dict[str, object]:
+    """What a run's lock says of it: which run, where it runs, since when, and its heartbeat."""
+    now = time.time()
+    return {
+        "run": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
+        "started": _local_time(now), "heartbeat": now, "epoch_seconds": None,
+    }
 
 
-def _create_lock(lock: Path, record: str) -> bool:
-    """Create `lock` holding `record` unless it exists; False if it does."""
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
+@dataclass
+class _RunLock:
+    """This run's lock on its checkpoint folder: taken, renewed every epoch, released."""
+
+    folder: Path
+    record: dict[str, object] = field(default_factory=_new_lock_record)
+
+    @property
+    def path(self) -> Path:
+        """The lock file."""
+        return self.folder / _LOCK
+
+    def take(self) -> None:
+        """Create the lock; take over a stale one; refuse a live run's (FolderInUseError)."""
+        if not _create_exclusive(self.path, json.dumps(self.record)):
+            holder, now = _lock_holder(self.path), time.time()
+            if not _is_stale(holder, now):
+                raise FolderInUseError(_in_use_message(self.path, holder, now))
+            self._take_over(holder)
+        _RUNS_HERE.add(self.record["run"])
+
+    def _take_over(self, stale: dict) -> None:
+        """Replace the lock that names the ended run `stale`, unless another run did first."""
+        takeover = self.folder / _TAKEOVER
+        if not _create_exclusive(takeover, json.dumps(self.record)):
+            raise FolderInUseError(
+                f"another run is taking over {self.path} just now (it holds {takeover}). Run "
+                f"again in a moment; if no other run is starting there, delete {takeover} first."
+            )
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            holder = _lock_holder(self.path)
+            if holder != stale:  # another run took it over between our look and now
+                raise FolderInUseError(_in_use_message(self.path, holder, time.time()))
+            print(f"Taking over {self.path}: its run "
+                  f"({_describe_holder(stale, time.time())}) has ended")
+            self._write()
+        finally:
+            takeover.unlink(missing_ok=True)
+
+    def refresh(self) -> None:
+        """Renew the heartbeat and record the epoch's time; stop if another run took the lock."""
+        holder = _lock_holder(self.path)
+        now = time.time()
+        if holder.get("run") != self.record["run"]:
+            raise FolderInUseError(
+                f"{self.path} no longer names this run ({_describe_holder(holder, now)}): another "
+                "run took the folder over, judging this one ended, or the lock was deleted. This "
+                "run stops before writing its checkpoint, so that no two runs overwrite each "
+                "other's. Go on in another checkpoint_dir, or resume here once no other run uses "
+                "it."
+            )
+        self.record.update(heartbeat=now, epoch_seconds=now - self.record["heartbeat"])
+        self._write()
+
+    def release(self) -> None:
+        """Remove the lock if it still names this run (one taken over is the other run's)."""
+        _RUNS_HERE.discard(self.record["run"])
+        if _lock_holder(self.path).get("run") == self.record["run"]:
+            self.path.unlink(missing_ok=True)  # removed meanwhile: the exception in flight matters
+
+    def _write(self) -> None:
+        """Replace the lock file with this run's record, in one step."""
+        _atomic_write(self.path, lambda f: f.write(json.dumps(self.record).encode()))
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists; False if it does."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(record)
+                f.write(text)
         except OSError:
-            lock.unlink()  # an empty lock would look like a live run's to the next one
+            path.unlink()  # an empty lock would look like a live run's to the next one
             raise
         return True
     except OSError as err:
         raise OSError(
-            f"cannot write checkpoints to {lock.parent} ({err.strerror or err}). Pass a "
+            f"cannot write checkpoints to {path.parent} ({err.strerror or err}). Pass a "
             "checkpoint_dir you can write to, or fix that folder's permissions."
         ) from err
 
 
-def _lock_record(lock: Path) -> str | None:
-    """The text of `lock`, or None if it cannot be read (gone, or not a small regular file)."""
-    try:
-        return read_regular_file(lock, 4096).decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return None
-
-
 def _lock_holder(lock: Path) -> dict:
-    """The pid, host and start that `lock` records; empty if it records none (being written?)."""
+    """The record `lock` holds; empty if it holds none (gone, being written, not JSON)."""
     try:
-        holder = json.loads(_lock_record(lock) or "")
-    except ValueError:
+        holder = json.loads(read_regular_file(lock, 4096).decode("utf-8", "replace"))
+    except (OSError, RefusedFileError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
 
 
-def _describe_holder(holder: dict) -> str:
-    """The run a lock names, in words."""
-    if not holder:
-        return "its lock file is empty or unreadable: being written, or left by a crash"
-    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+def _is_stale(holder: dict, now: float) -> bool:
+    """Whether a lock's run has ended, as far as can be known at time `now`.
+
+    On this host: its process is gone, or has this process's pid but is none of its runs (a
+    restarted container reuses pids). From another: its heartbeat is older than
+    `_lock_timeout`. An empty record is never stale.
+    """
+    if holder.get("host") == socket.gethostname():
+        pid = holder.get("pid")
+        if pid == os.getpid():
+            return holder.get("run") not in _RUNS_HERE
+        return type(pid) is int and pid > 0 and not _process_exists(pid)
+    silence = _silence(holder, now)
+    return silence is not None and silence > _lock_timeout(holder)
 
 
-def _is_stale(holder: dict) -> bool:
-    """Whether a lock's run has certainly ended: a process of this host that is gone."""
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
-        return False  # another machine's processes cannot be checked
+def _process_exists(pid: int) -> bool:
+    """Whether process `pid` runs on this host; True where that cannot be checked."""
     if os.name != "posix":
-        return False  # os.kill(pid, 0) would end the process on Windows
+        return True  # os.kill(pid, 0) would end the process on Windows
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
-        return True
-    except PermissionError:  # it exists, run by another user
         return False
-    return False
+    except PermissionError:  # it exists, run by another user
+        pass
+    return True
+
+
+def _silence(holder: dict, now: float) -> float | None:
+    """Seconds since a lock's last heartbeat, at time `now`; None if it records none."""
+    heartbeat = holder.get("heartbeat")
+    return now - heartbeat if _is_number(heartbeat) else None
+
+
+def _lock_timeout(holder: dict) -> float:
+    """How long a lock from another machine may go without a heartbeat before it is stale."""
+    epoch = holder.get("epoch_seconds")
+    return max(_LOCK_TIMEOUT_SECONDS, _LOCK_TIMEOUT_EPOCHS * epoch if _is_number(epoch) else 0)
+
+
+def _describe_holder(holder: dict, now: float) -> str:
+    """The run a lock names, in words: where it runs, since when, and its last heartbeat."""
+    if not holder:
+        return "its lock file is empty or unreadable: being written, or left by a crash"
+    silence = _silence(holder, now)
+    # Minutes ago, not a time of day: the other machine's clock and time zone may differ.
+    heartbeat = "unknown" if silence is None else f"{max(0.0, silence) / 60:.0f} min ago"
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
+        f"last heartbeat {heartbeat}"
+    )
+
+
+def _in_use_message(lock: Path, holder: dict, now: float) -> str:
+    """The refusal of a folder whose lock names a run that may be live: which, and the fixes."""
+    text = (
+        f"{lock.parent} is in use by another run ({_describe_holder(holder, now)}, per {lock}): "
+        "two runs in one folder overwrite each other's checkpoints. Pass another checkpoint_dir; "
+        f"or, if that run has ended, delete {lock} and run again"
+    )
+    silence = _silence(holder, now)
+    if holder.get("host") == socket.gethostname() or silence is None:
+        return f"{text}."
+    timeout = _lock_timeout(holder)
+    return (
+        f"{text}; or wait: a run on another machine renews its lock every epoch, and a lock not "
+        f"renewed for {timeout / 60:.0f} min (its Colab VM disconnected, say) is taken over, this "
+        f"one in {math.ceil(max(0.0, timeout - silence) / 60)} min."
+    )
+
+
+def _local_time(seconds: float) -> str:
+    """A time (seconds since the epoch) as local date and time, to the second."""
+    return datetime.datetime.fromtimestamp(seconds).isoformat(" ", "seconds")
 
 
 def _drop_orphans(folder: Path) -> None:
@@ -460,7 +606,7 @@ def _drop_orphans(folder: Path) -> None:
 
     Only the lock's holder calls this: no other run can be writing them.
     """
-    for name in _RUN_FILES:
+    for name in (*_RUN_FILES, _LOCK):
         for orphan in folder.glob(f".{name}.*"):
             orphan.unlink(missing_ok=True)
 
@@ -674,8 +820,10 @@ class _TrainState:
     # Training-set size, steps per epoch and the scored splits: a resume must see the same.
     data: dict[str, int | str]
     ema: WeightAverage | None = None
-    # What else decides the result (see `_run_setup`): a resume elsewhere does not repeat the run.
-    setup: dict[str, object] = field(default_factory=dict)
+    # What else decides the result (see `_run_setup`), as {"from_epoch", "setup"}: one entry per
+    # stretch of epochs trained in one setup, the last this session's. A resume elsewhere does
+    # not repeat the run; one allowed anyway adds an entry.
+    setups: list[dict[str, object]] = field(default_factory=list)
 
 
 # torch's warning when a scheduler's first step finds no optimizer step before it.
@@ -714,7 +862,7 @@ def _save_checkpoint(path: Path, state: _TrainState, config: TrainConfig) -> Non
         "config": dataclasses.asdict(config),
         "data": state.data,
         "ema": state.ema.module.state_dict() if state.ema is not None else {},
-        "setup": state.setup,
+        "setups": state.setups,
     }
     bad = _first_non_finite(payload)
     if bad is not None:
@@ -755,11 +903,14 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     # bytes then fails only for what they hold (from a path, some cuts raise OSError too).
     try:
         content = read_regular_file(path, _MAX_CHECKPOINT_BYTES)
-    except ValueError as err:
+    except RefusedFileError as err:
         raise CheckpointError(f"{path} cannot be a checkpoint: {err}. {fix}") from err
     try:
-        payload = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-        damaged = _record_failing_its_crc(content)
+        # Each record is checked before any is unpickled: a changed bit in the pickle is then
+        # reported as what it is, not as a file torch cannot read.
+        problem = _archive_problem(content)
+        if problem is None:
+            payload = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except _UNREADABLE as err:
         lines = str(err).strip().splitlines()
         reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
@@ -767,11 +918,8 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
             f"{path} is not a readable checkpoint ({reason}): it is empty, cut short (killed while "
             f"being written or copied?) or not a torch file. {fix}"
         ) from err
-    if damaged is not None:
-        raise CheckpointError(
-            f"{path} is corrupt: its record {damaged} no longer matches the CRC-32 checksum it "
-            f"was saved with (a bit changed on disk or in a copy). {fix}"
-        )
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem}. {fix}")
     entries = payload if isinstance(payload, dict) else {}
     missing = [k for k in keys if not isinstance(entries.get(k), dict)]
     if missing:
@@ -790,16 +938,29 @@ def _read_checkpoint(path: Path, keys: Sequence[str], fix: str) -> dict:
     return payload
 
 
-def _record_failing_its_crc(content: bytes) -> str | None:
-    """The first record of a torch.save zip whose bytes fail its CRC-32, or None if all match.
+def _archive_problem(content: bytes) -> str | None:
+    """What makes a torch.save zip unusable before it is unpickled, in words; None if nothing.
 
     torch.save stores every record (the pickle, each tensor's bytes) uncompressed with its
-    CRC-32, and torch.load never checks them; a compressed record (no torch file has one) fails
-    too, as unpacking it could cost far more than the file's size.
+    CRC-32, and torch.load never checks them. A compressed record is no torch file's, and
+    unpacking it could cost far more than the file's size. Raises BadZipFile for no zip.
     """
     with zipfile.ZipFile(io.BytesIO(content)) as archive:
-        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-        return packed[0] if packed else archive.testzip()
+        compressed = [
+            info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED
+        ]
+        if compressed:
+            return (
+                f"is not a checkpoint written by fit: its record {compressed[0]} is compressed, "
+                "which torch.save never does"
+            )
+        damaged = archive.testzip()
+    if damaged is not None:
+        return (
+            f"is corrupt: its record {damaged} no longer matches the CRC-32 checksum it was "
+            "saved with (a bit changed on disk or in a copy)"
+        )
+    return None
 
 
 def _check_same_run(
@@ -907,33 +1068,60 @@ def _check_optimizer_and_schedule(
 ) -> None:
     """Refuse an optimizer or scheduler state other than this run's after `epochs` epochs.
 
-    `state` is fresh: its scheduler moved on by the run's steps gives the learning rates that
-    the optimizer must hold, and every other setting (momentum, weight decay, the schedule's
-    shape) must be as it is now; the momentum buffers must fit their parameters.
+    Checked entry by entry against the fresh `state`, which is neither changed nor copied.
     """
-    steps = epochs * state.data["steps_per_epoch"]
-    saved_schedule = payload["scheduler"]
-    if type(saved_schedule.get("last_epoch")) is not int or saved_schedule["last_epoch"] != steps:
-        problems = [f"scheduler.last_epoch ({saved_schedule.get('last_epoch')!r:.20} in the "
-                    f"checkpoint, {steps} after {epochs} epochs)"]
-    else:
-        lrs = _learning_rates_at(state.scheduler, steps)
-        schedule = {**state.scheduler.state_dict(), "last_epoch": steps, "_last_lr": lrs}
-        groups = [{**group, "lr": lr}
-                  for group, lr in zip(state.optimizer.state_dict()["param_groups"], lrs)]
-        saved_groups = payload["optimizer"]["param_groups"]
-        # Only the entries both sides have: another torch version may add or drop some.
-        problems = _differences(saved_schedule, _shared(schedule, saved_schedule), "scheduler") + [
-            difference
-            for i, (saved, group) in enumerate(zip(saved_groups, groups))
-            for difference in _differences(saved, _shared(group, saved), f"param_groups.{i}")
-        ]
-    problems += _buffer_problems(payload["optimizer"]["state"], state.optimizer)
+    problems = _optimizer_layout_problems(payload["optimizer"], state.optimizer)
+    if not problems:
+        problems = _schedule_problems(payload, state, epochs) + _buffer_problems(
+            payload["optimizer"]["state"], state.optimizer
+        )
     if problems:
         raise CheckpointError(
-            f"{path} holds an optimizer or scheduler state that this run does not reach in "
-            f"{epochs} epochs: {'; '.join(problems)}. {_RESUME_FIX}"
+            f"{path} holds an optimizer or scheduler state other than this run's after {epochs} "
+            f"epochs: {'; '.join(problems)}. {_RESUME_FIX}"
         )
+
+
+def _optimizer_layout_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
+    """What `optimizer.load_state_dict(saved)` would fail on, or map to other parameters."""
+    groups = saved.get("param_groups")
+    if not isinstance(saved.get("state"), dict) or not (
+        isinstance(groups, list)
+        and all(isinstance(group, dict) and isinstance(group.get("params"), list)
+                for group in groups)
+    ):
+        return ["no 'state' dict and 'param_groups' list of parameter groups"]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    # torch numbers the parameters in order, through the groups; load_state_dict maps by number.
+    if [group["params"] for group in groups] != [
+        list(range(start, start + size)) for start, size in zip(starts, sizes)
+    ]:
+        return [f"param_groups of {[len(group['params']) for group in groups]} parameters, "
+                f"not this network's {sizes} numbered in order"]
+    return []
+
+
+def _schedule_problems(payload: dict, state: _TrainState, epochs: int) -> list[str]:
+    """How the saved schedule and learning rates differ from this run's after `epochs` epochs."""
+    steps = epochs * state.data["steps_per_epoch"]
+    saved = payload["scheduler"]
+    if type(saved.get("last_epoch")) is not int or saved["last_epoch"] != steps:
+        return [f"scheduler.last_epoch ({saved.get('last_epoch')!r:.20} in the checkpoint, "
+                f"{steps} after {epochs} epochs)"]
+    lrs = _learning_rates_at(state.scheduler, steps)
+    schedule = {**state.scheduler.state_dict(), "last_epoch": steps, "_last_lr": lrs}
+    groups = [{**group, "lr": lr}
+              for group, lr in zip(state.optimizer.state_dict()["param_groups"], lrs)]
+    # Only the entries both sides have: another torch version may add or drop some.
+    saved_groups = payload["optimizer"]["param_groups"]
+    return _differences(saved, _shared(schedule, saved), "scheduler") + [
+        difference
+        for i, (saved_group, group) in enumerate(zip(saved_groups, groups))
+        for difference in _differences(
+            saved_group, _shared(group, saved_group), f"param_groups.{i}"
+        )
+    ]
 
 
 def _shared(entries: dict, other: dict) -> dict:
@@ -942,12 +1130,19 @@ def _shared(entries: dict, other: dict) -> dict:
 
 
 def _learning_rates_at(scheduler: torch.optim.lr_scheduler.OneCycleLR, steps: int) -> list[float]:
-    """The learning rate of each parameter group after `steps` steps of `scheduler`."""
-    probe = copy.deepcopy(scheduler)  # with its own copy of the optimizer
-    probe.last_epoch = steps
-    with warnings.catch_warnings():  # get_lr warns when called outside step(): here it is read
-        warnings.simplefilter("ignore", UserWarning)
-        return probe.get_lr()
+    """The learning rate of each parameter group after `steps` steps of `scheduler`.
+
+    The scheduler is moved there and back: its get_lr only reads the optimizer (with
+    cycle_momentum off, as `_make_scheduler` sets it).
+    """
+    current = scheduler.last_epoch
+    scheduler.last_epoch = steps
+    try:
+        with warnings.catch_warnings():  # get_lr warns when called outside step(): here it is read
+            warnings.simplefilter("ignore", UserWarning)
+            return scheduler.get_lr()
+    finally:
+        scheduler.last_epoch = current
 
 
 def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -971,23 +1166,67 @@ def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]
     return problems
 
 
-def _check_same_setup(path: Path, payload: dict, setup: dict, allow_other_setup: bool) -> None:
-    """Refuse (or, if allowed, report) a resume whose setup would change the run's result."""
-    if "setup" not in payload:
+# How to resume in the setup a checkpoint records, for each entry of `_run_setup`.
+_SETUP_FIXES = {
+    "augmentation": "give the training set the augmentation that run had (the same "
+                    "train_transforms arguments)",
+    "device": "pass device={saved!r} to fit",
+    "autocast": "autocast to {saved} as that run did (TrainConfig.mixed_precision: float16 on "
+                "CUDA, bfloat16 on a CPU with native bf16, else float32)",
+    "loader_workers": "build the loaders with make_loaders(..., workers={saved})",
+    "torch_threads": "call torch.set_num_threads({saved}) before fit",
+}
+
+
+def _resumed_setups(
+    path: Path, payload: dict, now: dict, epochs: int, allow_other_setup: bool
+) -> list[dict]:
+    """The setups a resumed run trains in: the checkpoint's, and `now` if it differs.
+
+    `now` is compared with the setup the checkpoint's run last trained in; a difference is
+    refused, each named with how to match it, unless `allow_other_setup`.
+    """
+    recorded = _recorded_setups(path, payload)
+    resumed = {"from_epoch": epochs + 1, "setup": now}
+    if recorded is None:
         print(f"{path} predates records of the setup (augmentation, threads, loader workers, "
               "device, precision): resuming without checking that they are the same")
-        return
-    differences = _differences(payload["setup"], setup)
-    if differences and allow_other_setup:
-        print(f"Resuming {path} in another setup ({'; '.join(differences)}): the run goes on, "
-              "but no longer repeats an uninterrupted one.")
-    elif differences:
+        return [resumed]
+    last = recorded[-1]["setup"]
+    # An entry only one side has was not recorded on the other (threads: CPU runs only).
+    shared = {key: value for key, value in now.items() if key in last}
+    differences = _differences(last, shared)
+    if not differences:
+        return recorded
+    if not allow_other_setup:
+        fixes = [_SETUP_FIXES[key].format(saved=last[key])
+                 for key, value in shared.items() if _differences(last[key], value)]
         raise CheckpointError(
             f"{path} was trained in another setup: {'; '.join(differences)}. Resumed so, the run "
-            "would not repeat an uninterrupted one. Resume with the same augmentation, torch "
-            "threads, loader workers, device and precision; or pass allow_other_setup=True to "
-            "continue anyway; or resume=False to start a new run (the old one is moved aside)."
+            f"would not repeat an uninterrupted one. To repeat it: {'; '.join(fixes)}. Or pass "
+            "allow_other_setup=True to fit to continue anyway (the checkpoint keeps each "
+            "setup); or resume=False to start a new run (the old one is moved aside)."
         )
+    print(f"Resuming {path} in another setup ({'; '.join(differences)}): the run goes on, "
+          "but no longer repeats an uninterrupted one. Its checkpoints record each setup.")
+    return [*recorded, resumed]
+
+
+def _recorded_setups(path: Path, payload: dict) -> list[dict] | None:
+    """The setups a checkpoint's run trained in, oldest first; None if it predates such records."""
+    if "setups" in payload:
+        setups = payload["setups"]
+    elif "setup" in payload:  # written before resumes kept each setup: the last one only
+        setups = [{"from_epoch": 1, "setup": payload["setup"]}]
+    else:
+        return None
+    if not (isinstance(setups, list) and setups
+            and all(isinstance(entry, dict) and isinstance(entry.get("setup"), dict)
+                    for entry in setups)):
+        raise CheckpointError(
+            f"{path} holds a setup record fit does not write (a list of setups). {_RESUME_FIX}"
+        )
+    return setups
 
 
 def _differences(saved: object, now: object, name: str = "") -> list[str]:
@@ -1036,15 +1275,15 @@ def _load_checkpoint(
     _check_saved_finite(path, payload, _RESUME_FIX)
     try:
         history = History(**payload["history"])
-        # A trial load into a copy: a foreign optimizer state fails here, before any change.
-        copy.deepcopy(state.optimizer).load_state_dict(payload["optimizer"])
-    except (TypeError, ValueError, KeyError) as err:
+    except TypeError as err:
         raise CheckpointError(
-            f"{path} holds a history or optimizer state this run cannot use ({err}). {_RESUME_FIX}"
+            f"{path} holds a history this run cannot use ({err}). {_RESUME_FIX}"
         ) from err
     _check_history(path, history, state.data, config)
     _check_optimizer_and_schedule(path, payload, state, history.epochs)
-    _check_same_setup(path, payload, state.setup, allow_other_setup)
+    setups = _resumed_setups(
+        path, payload, state.setups[-1]["setup"], history.epochs, allow_other_setup
+    )
     state.model.load_state_dict(payload["model"])
     if state.ema is not None:
         state.ema.module.load_state_dict(payload["ema"])
@@ -1054,6 +1293,7 @@ def _load_checkpoint(
     if payload["scaler"]:
         state.scaler.load_state_dict(payload["scaler"])
     state.history = history
+    state.setups = setups
 
 
 def _train_epoch(
@@ -1204,14 +1444,18 @@ def _score_average(
         getattr(history, f"ema_{split}_acc").append(accuracy)
 
 
-def _save_run(folder: Path, state: _TrainState, config: TrainConfig) -> None:
-    """Write last.pt and history.json; best.pt too when validation is at its best yet.
+def _save_run(lock: _RunLock, state: _TrainState, config: TrainConfig) -> None:
+    """Renew the folder's lock, then write last.pt and history.json; best.pt too when
+    validation is at its best yet.
 
-    Only a validation score picks best.pt (of tied epochs, the later one): picking an epoch by
-    its test score would flatter the test set. best.pt goes first: a kill between the two
-    writes then resumes from the epoch before, which is recomputed, instead of losing a best
-    epoch that last.pt already counted.
+    The lock first: a run whose folder another run has taken over stops before writing. Only a
+    validation score picks best.pt (of tied epochs, the later one): picking an epoch by its
+    test score would flatter the test set. best.pt goes first: a kill between the two writes
+    then resumes from the epoch before, which is recomputed, instead of losing a best epoch
+    that last.pt already counted.
     """
+    lock.refresh()
+    folder = lock.folder
     val_acc = state.history.val_acc
     if val_acc and val_acc[-1] >= max(val_acc):
         _save_checkpoint(folder / "best.pt", state, config)
@@ -1258,17 +1502,21 @@ def fit(
         checkpoint_dir: if given, `last.pt` and `history.json` are written there atomically
             after every epoch, never with a NaN or infinity in them (and `best.pt`, see
             `val_loader`). The run holds `checkpoint_dir/run.lock` meanwhile: a second run
-            there is refused (FolderInUseError); a lock whose process has ended is taken over.
+            there is refused (FolderInUseError). The lock is renewed before every epoch's
+            checkpoint, and taken over once its run has ended: on this machine, once its
+            process is gone; from another (a Colab VM cut off by a disconnect), once it has
+            gone unrenewed for 10 minutes, or three of its epochs if longer.
         resume: continue from `checkpoint_dir/last.pt` when it exists (after checking it is
             the same recipe, data and network, and intact). Otherwise an earlier run's files
             there are moved into a new `previous-<time>` subfolder, never overwritten.
         progress: show tqdm bars and the one-line epoch summaries.
         val_loader: a validation split, scored after every epoch. Only with it is `best.pt`
             written: the weights of the epoch with the best validation accuracy.
-        allow_other_setup: resume even where the setup differs from the checkpoint's (the
-            augmentation, torch threads, loader workers, device or autocast precision): the
-            run then goes on but no longer repeats an uninterrupted one. Without it such a
-            resume is refused, each difference named.
+        allow_other_setup: resume even where the setup differs from the one the checkpoint's
+            run last trained in (the augmentation, loader workers, device, autocast precision,
+            and on a CPU the torch threads): the run then goes on but no longer repeats an
+            uninterrupted one, and its checkpoints record each setup and the epoch it began.
+            Without it such a resume is refused, naming each difference and how to match it.
 
     Returns:
         The run's History (the resumed one, extended, when resuming).
@@ -1314,17 +1562,17 @@ def fit(
             WeightAverage(model, config.ema_decay, warmup=config.ema_warmup)
             if config.ema_decay > 0 else None
         ),
-        setup=_run_setup(train_loader, device, config),
+        setups=[{"from_epoch": 1, "setup": _run_setup(train_loader, device, config)}],
     )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    with _folder_lock(folder), _cudnn_autotuning(device):
-        if folder is not None:
-            _open_folder(folder, state, config, resume, allow_other_setup)
+    with _folder_lock(folder) as lock, _cudnn_autotuning(device):
+        if lock is not None:
+            _open_folder(lock.folder, state, config, resume, allow_other_setup)
         for epoch in range(state.history.epochs + 1, config.epochs + 1):
             try:
                 _run_epoch(state, train_loader, scored, device, config, epoch, progress)
-                if folder is not None:
-                    _save_run(folder, state, config)
+                if lock is not None:
+                    _save_run(lock, state, config)
             except NonFiniteLossError as err:
                 advice = _divergence_advice(config, folder, epoch - 1)
                 raise NonFiniteLossError(f"{err} {advice}") from None
@@ -1334,15 +1582,18 @@ def fit(
 def _run_setup(loader: DataLoader, device: torch.device, config: TrainConfig) -> dict[str, object]:
     """What decides a run's result besides its recipe and data: a resume must find the same."""
     half = half_dtype(device) if config.mixed_precision else None
-    return {
+    setup = {
         "augmentation": describe_transform(getattr(loader.dataset, "transform", None)),
-        # These change which kernels run and how they add up floats: other weights.
-        "torch_threads": torch.get_num_threads(),
         "device": device.type,
         "autocast": str(half or torch.float32),
         # Each worker draws its own augmentation stream.
         "loader_workers": loader.num_workers,
     }
+    if device.type == "cpu":
+        # CPU kernels split their sums over the threads: another count adds up other floats.
+        # On a GPU the threads only feed it, so a VM with other cores resumes alike.
+        setup["torch_threads"] = torch.get_num_threads()
+    return setup
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import codecs
 import functools
 import hashlib
 import http.server
+import itertools
 import os
 import pickle
 import pickletools
@@ -130,6 +131,15 @@ def test_a_batch_that_is_no_readable_file_is_named_not_skipped(cifar_root: Path,
     assert str(path) in str(err.value) and "download CIFAR-10 again" in str(err.value)
 
 
+def test_read_regular_file_signals_a_refusal_by_its_own_type(tmp_path: Path) -> None:
+    # A plain ValueError, which checkpoint and lock readers could not tell from a bug's.
+    with pytest.raises(dataset.RefusedFileError, match="it is a directory, not a regular file"):
+        dataset.read_regular_file(tmp_path, 10)
+    (tmp_path / "two-bytes").write_bytes(b"ab")
+    with pytest.raises(dataset.RefusedFileError, match="it holds 2 bytes, more than the 1 allowed"):
+        dataset.read_regular_file(tmp_path / "two-bytes", 1)
+
+
 def test_a_batch_that_may_not_be_read_is_named_with_the_fix(
     cifar_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,6 +254,15 @@ def test_reads_the_real_cifar10_sample() -> None:
     assert 100 < images.mean() < 140  # real photos, not noise or zeros
 
 
+@pytest.mark.skipif(not SAMPLE, reason="S9_DATA not set: the real CIFAR-10 sample is absent")
+def test_the_samples_label_names_pickled_by_python_2s_cpickle_pass_the_scan() -> None:
+    # batches.meta is as the official archive holds it: Python 2's cPickle numbered its memo
+    # from 1, as in the official batches, which the scan refused.
+    meta = (Path(SAMPLE) / BATCH_FOLDER / "batches.meta").read_bytes()
+    assert meta.startswith(b"\x80\x02}q\x01(")
+    dataset._scan_pickle(meta)
+
+
 # --- Crafted pickles: each is refused with its path, before anything large is built. ---
 
 IMAGE = dataset.IMAGE_BYTES
@@ -355,10 +374,13 @@ def test_a_memo_index_beyond_the_memo_is_refused_without_allocating(
     # 12 bytes: None, stored at memo index `index` (LONG_BINPUT). The unpickler sized and
     # zero-filled a memo table of twice that many pointers first: 2**27 took 2 GiB.
     error, peak = refusal_and_peak(tmp_path, b"\x80\x02Nr" + struct.pack("<I", index) + b".")
-    assert "skips memo entries" in str(error)
+    assert f"LONG_BINPUT {index} skips memo entries (it is memo write 1)" in str(error)
     assert peak < 1_000_000
     error, _ = refusal_and_peak(tmp_path, b"\x80\x02Nq\x00j" + struct.pack("<I", 5) + b".")
     assert "missing" in str(error)  # LONG_BINGET of an entry never stored
+    # The first write may use index 0 (pickle) or 1 (Python 2's cPickle), no later one.
+    error, _ = refusal_and_peak(tmp_path, b"\x80\x02Nq\x02.")
+    assert "BINPUT 2 skips memo entries (it is memo write 1)" in str(error)
 
 
 def nested_codec_argument(depth: int) -> bytes:
@@ -385,30 +407,53 @@ def test_a_refused_codec_argument_is_named_by_its_type_not_its_content(tmp_path:
     assert "1000" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("shape", "multiplied", "reason"),
+    [
+        ((2**62,) * 1_000 + (0,), [], "1001 dimensions"),
+        ((2**100,) * 64, [], r"a side of more than 64 bits"),
+        ((2**62,) * 64, [64], "more than a batch of 10000 images"),  # 3,968 bits: still quick
+    ],
+    ids=["too-many-sides", "a-side-too-long", "64-huge-sides"],
+)
 def test_a_shape_of_many_huge_sides_is_refused_before_it_is_multiplied_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, shape: tuple, multiplied: list[int], reason: str
 ) -> None:
     # The product of N sides of 2**62 grows to 62 N bits: quadratic time (2 MB of file: 40 min).
+    # A file cannot hold a side over 64 bits (the scan refuses such integers): checked directly.
     products = []
-    monkeypatch.setattr(dataset.math, "prod", lambda sides: products.append(len(sides)) or 0)
-    write_pickle(tmp_path, array_call((2**62,) * 1_000 + (0,), b""))
-    with pytest.raises(CIFAR10FormatError, match="1001 dimensions"):
+    monkeypatch.setattr(dataset.math, "prod", lambda sides: products.append(len(sides)) or 2**60)
+    with pytest.raises(dataset._NotABatch, match=reason):
+        dataset._byte_count(shape, np.dtype(np.uint8))
+    assert products == multiplied
+
+
+def test_a_huge_shape_in_a_file_is_refused_with_its_path(tmp_path: Path) -> None:
+    path = write_pickle(tmp_path, array_call((2**62,) * 64, b""))
+    with pytest.raises(CIFAR10FormatError, match="more than a batch of 10000 images") as err:
         load_cifar10(tmp_path)
-    assert products == []
+    assert str(path) in str(err.value)
 
 
 @pytest.mark.parametrize(
-    "keys",
-    [[k * (2**61 - 1) for k in range(1, 5_000)], list(range(1_000))],
-    ids=["keys-that-hash-alike", "small-int-keys"],
+    ("keys", "int_bits", "reason"),
+    [
+        # All hash to 0; beyond 64 bits (k >= 8) they are refused as integers no batch holds...
+        ([k * (2**61 - 1) for k in range(1, 5_000)], 64, "an integer of 65 bits"),
+        # ... and without that limit, by the count of dict entries before the dict is built.
+        ([k * (2**61 - 1) for k in range(1, 5_000)], 10**6, "1000 dict entries"),
+        (list(range(1_000)), 64, "1000 dict entries"),
+    ],
+    ids=["keys-that-hash-alike", "keys-that-hash-alike-past-the-int-limit", "small-int-keys"],
 )
 def test_a_dict_beyond_a_batchs_is_refused_before_it_is_built(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: list[int]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: list[int], int_bits: int, reason: str
 ) -> None:
     # Keys k * (2**61 - 1) all hash to 0: building the dict took quadratic time (519 KB: 8.6 s).
     monkeypatch.setattr(dataset._BatchUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    monkeypatch.setattr(dataset, "_MAX_INT_BITS", int_bits)
     path = write_pickle(tmp_path, dict.fromkeys(keys))
-    with pytest.raises(CIFAR10FormatError, match="bits|dict entries") as err:
+    with pytest.raises(CIFAR10FormatError, match=reason) as err:
         load_cifar10(tmp_path)
     assert str(path) in str(err.value)
 
@@ -429,6 +474,27 @@ def test_many_small_objects_are_refused_in_memory_bounded_by_the_file(
     assert peak < len(content) + 1_000_000  # the file, read once, and a little more
 
 
+@pytest.mark.parametrize(
+    ("objects", "passes_scan"),
+    [(b"]a", True), (b"}a", True), (b"N\x85a", True), (b"\x8fa", False)],
+    ids=["empty-lists", "empty-dicts", "1-tuples", "empty-sets"],
+)
+def test_a_file_under_the_opcode_cap_costs_a_bounded_multiple_of_its_size(
+    tmp_path: Path, objects: bytes, passes_scan: bool
+) -> None:
+    # The costliest objects a few bytes build (an empty dict: ~80 bytes from 2), appended to one
+    # list up to the opcode cap, so memory stays bounded by the file's size and by the cap. An
+    # empty set costs 216 bytes from 1: the scan refuses it.
+    content = b"\x80\x04]" + objects * ((dataset._MAX_OPCODES - 3) // len(objects)) + b"."
+    if passes_scan:
+        dataset._scan_pickle(content)
+    else:
+        with pytest.raises(dataset._NotABatch):
+            dataset._scan_pickle(content)
+    _, peak = refusal_and_peak(tmp_path, content)  # not a batch: no dict
+    assert peak < 50 * len(content)
+
+
 def batch_with(field: str, opcodes: bytes) -> bytes:
     """A valid pickled one-image batch whose `field` is replaced by raw pickle opcodes."""
     images, labels = synthetic_cifar10(1)
@@ -447,6 +513,70 @@ def test_deeply_nested_lists_are_reported_with_the_path(tmp_path: Path, field: s
     with pytest.raises(CIFAR10FormatError) as err:
         load_cifar10(tmp_path)
     assert str(path) in str(err.value)
+
+
+def test_a_tuple_nested_deeper_than_a_batch_is_refused_before_it_is_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 190 KB: a dict key nested 190,000 tuples deep. Unpickled, hashing it recursed in C and
+    # killed the process (a segfault), though no mark nests.
+    monkeypatch.setattr(dataset._BatchUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    error, _ = refusal_and_peak(tmp_path, b"\x80\x02})" + b"\x85" * 190_000 + b"Ns.")
+    assert "objects nested 9 deep, more than the 8 allowed (a batch nests 6)" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        # A dtype stored in the memo, held by a tuple, then changed: set to state holding that
+        # tuple, it would hold itself, nesting without end behind the depth the scan recorded.
+        (b"\x80\x02cnumpy\ndtype\nq\x00X\x02\x00\x00\x00u1\x85Rq\x01h\x01\x85b.",
+         "BUILD changes an object another holds"),
+        # BUILD on a global set attributes of the reader's own methods, for the next file to find.
+        (b"\x80\x02cnumpy\ndtype\n}X\x01\x00\x00\x00aK\x01sb.",
+         "BUILD changes a string, number or global"),
+    ],
+    ids=["changed-after-being-held", "build-on-a-global"],
+)
+def test_an_object_is_refused_changed_once_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, reason: str
+) -> None:
+    monkeypatch.setattr(dataset._BatchUnpickler, "load", lambda self: pytest.fail("unpickled"))
+    error, _ = refusal_and_peak(tmp_path, content)
+    assert reason in str(error)
+
+
+def with_memo_from_1(pickled: bytes) -> bytes:
+    """A protocol-2 pickle with its memo numbered from 1, as Python 2's cPickle numbers it."""
+    ops = list(pickletools.genops(pickled))
+    ends = [position for _, _, position in ops[1:]] + [len(pickled)]
+    parts = []
+    for (opcode, arg, position), end in zip(ops, ends):
+        if opcode.name in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"):
+            short, long = (b"q", b"r") if "PUT" in opcode.name else (b"h", b"j")
+            index = arg + 1
+            parts.append(short + bytes([index]) if index < 256 else long + struct.pack("<I", index))
+        else:
+            parts.append(pickled[position:end])
+    return b"".join(parts)
+
+
+def test_a_batch_with_cpickles_memo_numbered_from_1_reads(tmp_path: Path) -> None:
+    # Python 2's cPickle, which wrote the official batches, numbers its memo from 1: such a
+    # batch was refused as skipping a memo entry. Labels as numpy ints share their dtype
+    # through the memo, so the batch reads it back (BINGET) too.
+    images, labels = synthetic_cifar10(300)
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    pickled = with_memo_from_1(pickle.dumps({"data": rows, "labels": list(labels)}, protocol=2))
+    memo_ops = [(op.name, arg) for op, arg, _ in pickletools.genops(pickled) if "PUT" in op.name
+                or "GET" in op.name]
+    assert memo_ops[0] == ("BINPUT", 1) and ("LONG_BINPUT", 256) in memo_ops
+    assert any(name == "BINGET" for name, _ in memo_ops)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickled)
+    read_images, read_labels = read_batch(path)
+    np.testing.assert_array_equal(read_images, images)
+    np.testing.assert_array_equal(read_labels, labels)
 
 
 def as_numpy_1(pickled: bytes) -> bytes:
@@ -489,17 +619,27 @@ def test_batches_of_every_protocol_by_numpy_1_or_2_read_alike(
 
 
 def official_layout(rows: np.ndarray, labels: np.ndarray) -> bytes:
-    """A batch pickled as the official files are (Python 2, protocol 2): each list in one run."""
+    """A batch pickled as the official files are (Python 2's cPickle, protocol 2): each list in
+    one run, and each string, list, dict, global and call result stored in a memo numbered
+    from 1."""
+    memo = itertools.count(1)
+
+    def put() -> bytes:  # BINPUT, or LONG_BINPUT past 255
+        index = next(memo)
+        return b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index)
+
     def text(value: bytes) -> bytes:  # SHORT_BINSTRING
-        return b"U" + bytes([len(value)]) + value
+        return b"U" + bytes([len(value)]) + value + put()
 
     return b"".join([
-        b"\x80\x02}(", text(b"batch_label"), text(b"training batch 1 of 5"), text(b"labels"),
-        b"](", b"".join(b"K" + bytes([int(v)]) for v in labels), b"e", text(b"data"),
-        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85", text(b"b"),
-        b"\x87R(K\x01M", struct.pack("<H", len(rows)), b"M\x00\x0c\x86cnumpy\ndtype\n", text(b"u1"),
-        b"K\x00K\x01\x87R(K\x03", text(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T",
-        struct.pack("<I", rows.nbytes), rows.tobytes(), b"tb", text(b"filenames"), b"](",
+        b"\x80\x02}", put(), b"(", text(b"batch_label"), text(b"training batch 1 of 5"),
+        text(b"labels"), b"]", put(), b"(", b"".join(b"K" + bytes([int(v)]) for v in labels), b"e",
+        text(b"data"), b"cnumpy.core.multiarray\n_reconstruct\n", put(), b"cnumpy\nndarray\n",
+        put(), b"K\x00\x85", text(b"b"), b"\x87R", put(), b"(K\x01M", struct.pack("<H", len(rows)),
+        b"M\x00\x0c\x86cnumpy\ndtype\n", put(), text(b"u1"), b"K\x00K\x01\x87R", put(), b"(K\x03",
+        text(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T",
+        struct.pack("<I", rows.nbytes), rows.tobytes(), put(), b"tb", text(b"filenames"), b"]",
+        put(), b"(",
         b"".join(text(b"img_%05d.png" % i) for i in range(len(rows))), b"eu.",
     ])
 
@@ -507,6 +647,7 @@ def official_layout(rows: np.ndarray, labels: np.ndarray) -> bytes:
 def test_a_full_batch_in_the_official_layout_reads(tmp_path: Path) -> None:
     # 10,000 labels, then 10,000 filenames, each list appended in one run: 10,000 objects on
     # the pickle stack at once, as in the official files (and shared/cifar10-jpeg/build.py's).
+    # Their memo, numbered from 1 by cPickle, was refused as skipping an entry.
     labels = np.arange(dataset.BATCH_IMAGES) % len(CLASSES)
     rows = np.repeat(labels.astype(np.uint8)[:, None], IMAGE, axis=1)
     path = tmp_path / "data_batch_1"
