@@ -1,4 +1,4 @@
-"""Cost, speed and accuracy of `Net` beside `SeparableNet` and the net we started from.
+"""Cost, speed and accuracy of `Net` beside the net we started from and the candidates.
 
     python benchmarks/bench.py --data data/cifar10-full --nets Net --epochs 10  # ~20 min, 2 cores
     python benchmarks/bench.py --quick         # a smoke run of a minute or two (CI)
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.starting_net import StartingNet  # noqa: E402
 from benchmarks.variants import (  # noqa: E402
-    SeparableNet, ShallowSeparableNet, UnnormalisedWhitenedNet, WhitenedNet, WideSeparableNet,
+    HighResolutionNet, ShallowSeparableNet, UnnormalisedWhitenedNet, WhitenedNet, WideSeparableNet,
 )
 from dataset import (  # noqa: E402
     CIFAR10Dataset, Splits, default_workers, eval_loader, load_splits, make_loaders,
@@ -47,7 +47,7 @@ from utils import (  # noqa: E402
 )
 
 NETS = {
-    "Net": Net, "SeparableNet": SeparableNet, "StartingNet": StartingNet,
+    "Net": Net, "StartingNet": StartingNet, "HighResolutionNet": HighResolutionNet,
     "ShallowSeparableNet": ShallowSeparableNet, "WideSeparableNet": WideSeparableNet,
     "WhitenedNet": WhitenedNet, "UnnormalisedWhitenedNet": UnnormalisedWhitenedNet,
 }
@@ -63,8 +63,8 @@ def build_net(name: str, train_images: np.ndarray) -> nn.Module:
 
 
 def chosen_nets(requested: list[str] | None, quick: bool) -> list[str]:
-    """The nets asked for; by default Net (quick mode) or Net, SeparableNet and StartingNet."""
-    return requested or (["Net"] if quick else ["Net", "SeparableNet", "StartingNet"])
+    """The nets asked for; by default Net (quick mode) or Net and the net we started from."""
+    return requested or (["Net"] if quick else ["Net", "StartingNet"])
 
 
 def multiply_adds(model: nn.Module) -> int:
