@@ -325,12 +325,12 @@ def test_load_weights_refuses_a_bad_file_naming_it_and_the_fix(tmp_path: Path, k
 
 def test_load_weights_refuses_non_finite_weights(tmp_path: Path, last_pt: bytes) -> None:
     checkpoint = torch.load(io.BytesIO(last_pt), weights_only=True)
-    checkpoint["model"]["c2.0.0.weight"][0, 0, 0, 0] = float("inf")
+    checkpoint["model"]["c1.0.0.weight"][0, 0, 0, 0] = float("inf")
     torch.save(checkpoint, tmp_path / "best.pt")
     model = Net()
     before = weights(model)
     with pytest.raises(CheckpointError, match=r"best\.pt holds NaN or infinite values in "
-                       r"c2\.0\.0\.weight, which fit never saves\. Pass a last\.pt "
+                       r"c1\.0\.0\.weight, which fit never saves\. Pass a last\.pt "
                        r"or best\.pt written by fit"):
         load_weights(model, tmp_path / "best.pt")
     assert_same_weights(model, before)
