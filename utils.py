@@ -1072,8 +1072,11 @@ def _check_optimizer_and_schedule(
     """
     problems = _optimizer_layout_problems(payload["optimizer"], state.optimizer)
     if not problems:
+        steps = epochs * state.data["steps_per_epoch"]
+        # A GradScaler (saved only when enabled) skips the steps with inf gradients.
+        scaled = bool(payload["scaler"])
         problems = _schedule_problems(payload, state, epochs) + _buffer_problems(
-            payload["optimizer"]["state"], state.optimizer
+            payload["optimizer"]["state"], state.optimizer, steps, scaled
         )
     if problems:
         raise CheckpointError(
@@ -1145,24 +1148,70 @@ def _learning_rates_at(scheduler: torch.optim.lr_scheduler.OneCycleLR, steps: in
         scheduler.last_epoch = current
 
 
-def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Each per-parameter optimizer tensor (momentum) unlike its parameter in shape or dtype."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    problems = []
+def _buffer_problems(
+    saved: dict, optimizer: torch.optim.Optimizer, steps: int, scaled: bool
+) -> list[str]:
+    """How the per-parameter optimizer state differs from what `optimizer` writes in `steps` steps.
+
+    Every key `_state_keys` names must be there, and no other; `scaled`: a GradScaler may have
+    skipped every step, so that no parameter has state yet.
+    """
+    params = [(param, group) for group in optimizer.param_groups for param in group["params"]]
+    problems = [
+        f"state for parameter {index!r:.20}, which this network lacks"
+        for index in saved if type(index) is not int or not 0 <= index < len(params)
+    ]
+    expected = {index: _state_keys(optimizer, group)
+                for index, (param, group) in enumerate(params) if param.requires_grad}
+    stateful = [index for index, keys in expected.items() if keys]
+    missing = [index for index in stateful if index not in saved]
+    # One optimizer step writes the state of every parameter at once: part of it missing is
+    # damage, all of it only a run whose every step the GradScaler skipped.
+    if missing and not (scaled and len(missing) == len(stateful)):
+        listed = ", ".join(map(str, missing[:3])) + (", ..." if len(missing) > 3 else "")
+        problems.append(f"no {type(optimizer).__name__} state for parameter(s) {listed}")
     for index, entry in saved.items():
-        if type(index) is not int or not 0 <= index < len(params) or not isinstance(entry, dict):
-            problems.append(f"state for parameter {index!r:.20}, which this network lacks")
-            continue
-        param = params[index]
-        problems += [
-            f"{key} of parameter {index} is no {param.dtype} tensor of shape "
-            f"{tuple(param.shape)}"
-            for key, value in entry.items()
-            if value is not None and not (
-                isinstance(value, torch.Tensor) and value.dtype == param.dtype
-                and value.shape in (param.shape, ())  # () for a step count (Adam's)
-            )
-        ]
+        if type(index) is int and 0 <= index < len(params):
+            keys = expected.get(index, ())
+            problems += _entry_problems(index, entry, params[index][0], keys, steps)
+    return problems
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, group: dict) -> tuple[str, ...]:
+    """The state keys `optimizer` (made by `_make_optimizer`) keeps for a parameter of `group`."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        return ("step", "exp_avg", "exp_avg_sq")
+    # SGD: without momentum (nesterov=False, momentum=0) it keeps no state.
+    return ("momentum_buffer",) if group["momentum"] else ()
+
+
+def _entry_problems(
+    index: int, entry: object, param: torch.Tensor, keys: tuple[str, ...], steps: int
+) -> list[str]:
+    """What is wrong with one parameter's saved optimizer state, given the `keys` it must hold."""
+    if not isinstance(entry, dict):
+        return [f"state of parameter {index} is no dict"]
+    # None: what older torch versions saved for SGD without momentum, which keeps no buffer.
+    held = {key: value for key, value in entry.items() if value is not None}
+    if set(held) != set(keys):
+        return [f"state of parameter {index} holds {list(held)!r:.80}, not {list(keys)} "
+                "(what this optimizer writes)"]
+    problems = [
+        f"{key} of parameter {index} is no {param.dtype} tensor of shape {tuple(param.shape)}"
+        for key, value in held.items()
+        if key != "step" and not (
+            isinstance(value, torch.Tensor) and value.dtype == param.dtype
+            and value.shape == param.shape
+        )
+    ]
+    step = held.get("step")
+    # A whole count of the steps taken (the GradScaler's skipped ones not counted)
+    if "step" in held and not (
+        isinstance(step, torch.Tensor) and step.shape == () and step.is_floating_point()
+        and step.item().is_integer() and 1 <= step.item() <= steps
+    ):
+        problems.append(f"step of parameter {index} is no scalar float tensor counting 1 to "
+                        f"{steps} optimizer steps")
     return problems
 
 

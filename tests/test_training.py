@@ -369,6 +369,16 @@ def test_load_weights_refuses_another_network_before_copying_any_weight(
          r"scheduler\.last_epoch \(1000000 in the checkpoint, 2 after 1 epochs\)"),
         (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)),
          r"momentum_buffer of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        # Resumed before, as were the two below: a scalar passed for any per-parameter tensor.
+        (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.tensor(0.0)),
+         r"momentum_buffer of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        (lambda c: c["optimizer"]["state"].pop(2),
+         r"after 1 epochs: no SGD state for parameter\(s\) 2\. "),
+        (lambda c: c["optimizer"].update(state={}),
+         r"no SGD state for parameter\(s\) 0, 1, 2, \.\.\."),
+        (lambda c: c["optimizer"]["state"][0].update(step=torch.tensor(2.0)),
+         r"state of parameter 0 holds \['momentum_buffer', 'step'\], not \['momentum_buffer'\] "
+         r"\(what this optimizer writes\)"),
         (lambda c: c["optimizer"]["state"][1].update(momentum_buffer=torch.full((32,), float("nan"))),
          r"NaN or infinite values in optimizer\.state\.1\.momentum_buffer, which fit never saves"),
         (lambda c: [g.update(lr=100.0) for g in c["optimizer"]["param_groups"]],
@@ -401,6 +411,68 @@ def test_a_refused_resume_loads_nothing(
     with pytest.raises(CheckpointError, match=message):
         tiny_fit(tmp_path, model=model, resume=True)
     assert_same_weights(model, before)
+
+
+ADAMW = {"optimizer": "adamw", "max_lr": 0.001}
+
+
+@pytest.fixture(scope="module")
+def adamw_last_pt(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The last.pt of a finished `tiny_fit` run with AdamW (2 optimizer steps)."""
+    folder = tmp_path_factory.mktemp("adamw")
+    tiny_fit(folder, **ADAMW)
+    return (folder / "last.pt").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s[0].update(exp_avg=torch.tensor(0.0)),
+         r"exp_avg of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        (lambda s: s[0].update(exp_avg_sq=torch.zeros(32, 3, 3)),
+         r"exp_avg_sq of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        (lambda s: s[0].pop("exp_avg_sq"),
+         r"state of parameter 0 holds \['step', 'exp_avg'\], not "
+         r"\['step', 'exp_avg', 'exp_avg_sq'\]"),
+        (lambda s: s[0].update(momentum_buffer=torch.zeros(32, 3, 3, 3)),
+         r"state of parameter 0 holds"),
+        (lambda s: s[0].update(step=torch.ones(32, 3, 3, 3)),
+         r"step of parameter 0 is no scalar float tensor counting 1 to 2 optimizer steps"),
+        (lambda s: s[0].update(step=torch.tensor(3.0)), r"step of parameter 0 is no scalar"),
+        (lambda s: s[0].update(step=torch.tensor(1.5)), r"step of parameter 0 is no scalar"),
+        (lambda s: s.pop(5),
+         r"no AdamW state for parameter\(s\) 5\. Delete it, or pass resume=False"),
+    ],
+)
+def test_a_resume_refuses_adamw_state_unlike_what_adamw_writes(
+    tmp_path: Path, adamw_last_pt: bytes, damage: Callable[[dict], object], message: str
+) -> None:
+    checkpoint = torch.load(io.BytesIO(adamw_last_pt), weights_only=True)
+    damage(checkpoint["optimizer"]["state"])
+    torch.save(checkpoint, tmp_path / "last.pt")
+    model = Net()
+    before = weights(model)
+    with pytest.raises(CheckpointError, match=r"optimizer or scheduler state other than this "
+                       r"run's after 1 epochs: .*" + message):
+        tiny_fit(tmp_path, model=model, resume=True, **ADAMW)
+    assert_same_weights(model, before)
+
+
+def test_the_optimizer_state_each_recipe_writes_resumes(
+    tmp_path: Path, adamw_last_pt: bytes
+) -> None:
+    (tmp_path / "last.pt").write_bytes(adamw_last_pt)
+    assert tiny_fit(tmp_path, resume=True, **ADAMW).epochs == 1
+    plain_sgd = {"nesterov": False, "momentum": 0.0}  # keeps no per-parameter state
+    tiny_fit(tmp_path / "sgd", **plain_sgd)
+    assert torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)["optimizer"]["state"] == {}
+    assert tiny_fit(tmp_path / "sgd", resume=True, **plain_sgd).epochs == 1
+    # As older torch versions saved it: a None buffer for each parameter.
+    checkpoint = torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)
+    params = [i for group in checkpoint["optimizer"]["param_groups"] for i in group["params"]]
+    checkpoint["optimizer"]["state"] = {i: {"momentum_buffer": None} for i in params}
+    torch.save(checkpoint, tmp_path / "sgd" / "last.pt")
+    assert tiny_fit(tmp_path / "sgd", resume=True, **plain_sgd).epochs == 1
 
 
 def test_a_resume_copies_no_optimizer_or_scheduler(
