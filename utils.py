@@ -181,37 +181,14 @@ class TrainConfig:
 
         Numbers of numpy types (from a sweep over np.linspace, say) are stored as plain ones.
         """
-        wrong_types = _wrong_types(self)
+        values = {name: getattr(self, name) for name in _field_types()}
+        wrong_types = _wrong_types(values)
         if wrong_types:
             raise TypeError(
                 f"invalid TrainConfig: {'; '.join(wrong_types)}. Pass values of those types "
                 "(TrainConfig() holds the measured recipe)."
             )
-        rules = (
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            # SGD applies the learning rate as a float32: a larger one fails inside torch
-            ("max_lr", 0 < self.max_lr <= _FLOAT32_MAX, f"in (0, {_FLOAT32_MAX:.3g}]"),
-            # OneCycleLR divides by the annealing phase's length: 1.0 fails on the last batch.
-            ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"),
-            ("div_factor", self.div_factor > 0, "> 0"),
-            ("final_div_factor", self.final_div_factor > 0, "> 0"),
-            ("anneal", self.anneal in ("linear", "cos"), "'linear' or 'cos'"),
-            ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
-            ("momentum", 0 < self.momentum < 1 if self.nesterov else 0 <= self.momentum < 1,
-             "in (0, 1) with nesterov=True, else in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no moving average)"),
-            ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
-            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32) (numpy's seeds)"),
-        )
-        infinite = [name for name, kind in _field_types().items()
-                    if kind is float and not _is_finite(getattr(self, name))]
-        problems = [f"{name}={getattr(self, name)!r:.40} must be finite" for name in infinite] + [
-            f"{name}={getattr(self, name)!r:.40} must be {rule}"
-            for name, ok, rule in rules if not ok and name not in infinite
-        ]
+        problems = _out_of_range(values)
         if problems:
             raise ValueError(
                 f"invalid TrainConfig: {'; '.join(problems)}. Pass values in those ranges "
@@ -242,15 +219,48 @@ def _field_types() -> dict[str, type]:
     return {spec.name: hints[spec.name] for spec in dataclasses.fields(TrainConfig)}
 
 
-def _wrong_types(config: TrainConfig) -> list[str]:
-    """Each field of `config` whose value is not of its annotated type, with the type it needs."""
+def _wrong_types(values: dict[str, object]) -> list[str]:
+    """Each TrainConfig field in `values` not of its annotated type, with the type it needs."""
     wrong = []
     for name, kind in _field_types().items():
         accepts, described = _ACCEPTED[kind]
-        value = getattr(config, name)
+        value = values[name]
         if not accepts(value):
             wrong.append(f"{name}={value!r:.40} must be {described}, not {type(value).__name__}")
     return wrong
+
+
+def _out_of_range(values: dict[str, object]) -> list[str]:
+    """Each TrainConfig field in `values` (each of its type) that would fail a run, and why."""
+    v = values
+    float32 = f"{_FLOAT32_MAX:.3g}"
+    rules = (
+        ("epochs", v["epochs"] >= 1, ">= 1"),
+        ("batch_size", v["batch_size"] >= 1, ">= 1"),
+        # torch applies the learning rate and weight decay as float32s: larger ones fail in it.
+        ("max_lr", 0 < v["max_lr"] <= _FLOAT32_MAX, f"in (0, {float32}]"),
+        # OneCycleLR divides by the annealing phase's length: 1.0 fails on the last batch.
+        ("warmup_fraction", 0 <= v["warmup_fraction"] < 1, "in [0, 1)"),
+        # The cycle starts at max_lr/div_factor and ends lower still: below 1 it would start
+        # above max_lr, and a tiny factor overflows the float32 learning rate.
+        ("div_factor", 1 <= v["div_factor"] <= _FLOAT32_MAX, f"in [1, {float32}]"),
+        ("final_div_factor", 1 <= v["final_div_factor"] <= _FLOAT32_MAX, f"in [1, {float32}]"),
+        ("anneal", v["anneal"] in ("linear", "cos"), "'linear' or 'cos'"),
+        ("optimizer", v["optimizer"] in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+        ("momentum", 0 < v["momentum"] < 1 if v["nesterov"] else 0 <= v["momentum"] < 1,
+         "in (0, 1) with nesterov=True, else in [0, 1)"),
+        ("weight_decay", 0 <= v["weight_decay"] <= _FLOAT32_MAX, f"in [0, {float32}]"),
+        ("label_smoothing", 0 <= v["label_smoothing"] < 1, "in [0, 1)"),
+        ("ema_decay", 0 <= v["ema_decay"] < 1, "in [0, 1) (0: no moving average)"),
+        ("log_every", v["log_every"] >= 1, ">= 1 (batches between loss checks)"),
+        ("seed", 0 <= v["seed"] < 2**32, "in [0, 2**32) (numpy's seeds)"),
+    )
+    infinite = [name for name, kind in _field_types().items()
+                if kind is float and not _is_finite(v[name])]
+    return [f"{name}={v[name]!r:.40} must be finite" for name in infinite] + [
+        f"{name}={v[name]!r:.40} must be {rule}"
+        for name, ok, rule in rules if not ok and name not in infinite
+    ]
 
 
 def _is_finite(value: numbers.Real) -> bool:
@@ -967,6 +977,7 @@ def _check_same_run(
     path: Path, payload: dict, data: dict[str, int | str], config: TrainConfig
 ) -> None:
     """Refuse a checkpoint whose recipe, training-set size, steps or scored splits differ."""
+    _check_saved_recipe(path, payload["config"], config)
     saved = {**_ADDED_FIELDS, **payload["config"], **payload["data"]}
     wanted = {**dataclasses.asdict(config), **data}
     if 0 in (saved["ema_decay"], wanted["ema_decay"]):
@@ -981,6 +992,21 @@ def _check_same_run(
             f"{path} holds a different run: {'; '.join(differences)}. Resume with the same config, "
             "training data and batch size; or pass resume=False to start a new run (the old one "
             "is moved aside); or use a new checkpoint_dir."
+        )
+
+
+def _check_saved_recipe(path: Path, saved: dict, config: TrainConfig) -> None:
+    """Refuse a saved recipe that TrainConfig refuses: fit never saves one.
+
+    A field the checkpoint lacks is left to `_check_same_run`: it is taken from `config`.
+    """
+    values = {**dataclasses.asdict(config),
+              **{name: saved[name] for name in _field_types() if name in saved}}
+    problems = _wrong_types(values) or _out_of_range(values)
+    if problems:
+        raise CheckpointError(
+            f"{path} holds a recipe that TrainConfig refuses ({'; '.join(problems)}), which fit "
+            f"never saves. {_RESUME_FIX}"
         )
 
 

@@ -355,6 +355,17 @@ def test_load_weights_refuses_another_network_before_copying_any_weight(
         (lambda c: c.update(scaler={"scale": 1024.0}), "incomplete GradScaler state"),
         (lambda c: c["model"].pop("c1.0.0.weight"), r"different network \(missing: c1.0.0.weight\)"),
         (lambda c: c.update(history=[]), "it has no 'history' entry"),
+        (lambda c: c["config"].update(max_lr=float("nan")),
+         r"last\.pt holds a recipe that TrainConfig refuses \(max_lr=nan must be finite\), which "
+         r"fit never saves\. Delete it, or pass resume=False"),
+        (lambda c: c["config"].update(weight_decay=1e39, div_factor=0.0),
+         r"TrainConfig refuses \(div_factor=0\.0 must be in \[1, 3\.4e\+38\]; "
+         r"weight_decay=1e\+39 must be in \[0, 3\.4e\+38\]\)"),
+        # Resumed before: a field a resume may change went unchecked, and 1.0 == 1.
+        (lambda c: c["config"].update(log_every=-5),
+         r"TrainConfig refuses \(log_every=-5 must be >= 1"),
+        (lambda c: c["config"].update(epochs=1.0),
+         r"TrainConfig refuses \(epochs=1\.0 must be an int, not float\)"),
         (lambda c: c.update(history={"accuracy": [1.0]}), "a history this run cannot use"),
         (lambda c: c["optimizer"].update(param_groups=[]),
          r"optimizer or scheduler state other than this run's after 1 epochs: param_groups of "
@@ -1012,7 +1023,10 @@ def test_a_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path) -
      ("warmup_fraction", -0.1), ("div_factor", 0.0), ("final_div_factor", 0.0), ("momentum", 0.0),
      ("momentum", 1.0), ("weight_decay", -1e-4), ("seed", -1), ("seed", 2**64),
      ("max_lr", 1e300), ("weight_decay", float("inf")), ("div_factor", float("inf")),
-     pytest.param("max_lr", 10**400, id="max_lr-10**400"), ("max_lr", np.float64("nan"))],
+     pytest.param("max_lr", 10**400, id="max_lr-10**400"), ("max_lr", np.float64("nan")),
+     # Accepted before: a cycle starting above max_lr, a float32 overflow in torch's update.
+     ("div_factor", 0.5), ("final_div_factor", 0.99), ("div_factor", 1e39),
+     ("final_div_factor", 1e39), ("weight_decay", 1e39)],
 )
 def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float) -> None:
     # 10**400, too large for a float, raised a bare OverflowError.
