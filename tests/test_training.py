@@ -584,6 +584,27 @@ def test_a_refused_setup_says_how_to_match_each_difference(tmp_path: Path) -> No
     assert "torch_threads" not in str(error.value)  # the CUDA run recorded none: nothing to match
 
 
+@pytest.mark.parametrize(("native_bf16", "saved", "refused"),
+                         [(True, "torch.bfloat16", True), (False, "torch.float32", False)])
+def test_a_resume_that_turns_mixed_precision_off_is_refused_where_it_changes_the_numbers(
+    tmp_path: Path, last_pt: bytes, monkeypatch: pytest.MonkeyPatch, native_bf16: bool,
+    saved: str, refused: bool,
+) -> None:
+    # mixed_precision is no recipe field a resume must keep: the setup records the autocast
+    # dtype it gives, which is what changes the numbers (on a CPU without bf16, nothing).
+    monkeypatch.setattr("utils._cpu_has_native_bf16", lambda: native_bf16)
+    payload = torch.load(io.BytesIO(last_pt), weights_only=True)
+    payload["setups"][-1]["setup"]["autocast"] = saved  # as a run with mixed_precision=True
+    torch.save(payload, tmp_path / "last.pt")
+    if not refused:
+        assert tiny_fit(tmp_path, resume=True, mixed_precision=False).epochs == 1
+        return
+    with pytest.raises(CheckpointError, match=re.escape(
+            "autocast ('torch.bfloat16' in the checkpoint, 'torch.float32' now). Resumed so, the "
+            "run would not repeat an uninterrupted one. To repeat it: autocast to torch.bfloat16")):
+        tiny_fit(tmp_path, resume=True, mixed_precision=False)
+
+
 def test_a_gpu_run_resumes_on_a_machine_with_another_cpu_count(tmp_path: Path) -> None:
     # A Colab GPU run was refused on a VM with other cores: it recorded torch's thread count,
     # which changes no result on a GPU.
