@@ -370,9 +370,8 @@ _TAKEOVER = "run.lock.takeover"
 # VM before its run can remove the lock.
 _LOCK_TIMEOUT_SECONDS = 600
 _LOCK_TIMEOUT_EPOCHS = 3
-# The runs (see `_new_lock_record`) whose locks this process holds. A lock naming this process's
-# pid but none of them was left by an earlier process with that pid (a restarted container).
-_RUNS_HERE: set[str] = set()
+# Process ids are C ints: a larger "pid" in a lock is no process's (os.kill would overflow).
+_MAX_PID = 2**31 - 1
 # The fallback torch.save raises when its writes fail (a full disk, say).
 _TORCH_WRITE_FAILED = "PytorchStreamWriter failed"
 
@@ -433,9 +432,26 @@ def _new_lock_record() -> dict[str, object]:
     """What a run's lock says of it: which run, where it runs, since when, and its heartbeat."""
     now = time.time()
     return {
-        "run": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
-        "started": _local_time(now), "heartbeat": now, "epoch_seconds": None,
+        "run": uuid.uuid4().hex, "pid": os.getpid(), "process": _process_identity(os.getpid()),
+        "host": socket.gethostname(), "started": _local_time(now), "heartbeat": now,
+        "epoch_seconds": None,
     }
+
+
+def _process_identity(pid: int) -> str | None:
+    """Which process `pid` is, told apart from a later one with its pid; None without /proc.
+
+    Linux's boot id and the process's start time in clock ticks since boot (field 22 of
+    /proc/<pid>/stat): a restarted container or machine reuses pids, never both of these.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may hold spaces and parentheses itself.
+    after_name = stat[stat.rfind(")") + 1:].split()
+    return f"{boot}:{after_name[19]}" if len(after_name) > 19 else None
 
 
 @dataclass
@@ -457,7 +473,6 @@ class _RunLock:
             if not _is_stale(holder, now):
                 raise FolderInUseError(_in_use_message(self.path, holder, now))
             self._take_over(holder)
-        _RUNS_HERE.add(self.record["run"])
 
     def _take_over(self, stale: dict) -> None:
         """Replace the lock that names the ended run `stale`, unless another run did first."""
@@ -494,7 +509,6 @@ class _RunLock:
 
     def release(self) -> None:
         """Remove the lock if it still names this run (one taken over is the other run's)."""
-        _RUNS_HERE.discard(self.record["run"])
         if _lock_holder(self.path).get("run") == self.record["run"]:
             self.path.unlink(missing_ok=True)  # removed meanwhile: the exception in flight matters
 
@@ -526,26 +540,44 @@ def _create_exclusive(path: Path, text: str) -> bool:
 
 
 def _lock_holder(lock: Path) -> dict:
-    """The record `lock` holds; empty if it holds none (gone, being written, not JSON)."""
+    """The record `lock` holds, less garbled entries; {} if none (gone, being written, not JSON)."""
     try:
         holder = json.loads(read_regular_file(lock, 4096).decode("utf-8", "replace"))
-    except (OSError, RefusedFileError, ValueError):
+    except (OSError, RefusedFileError, ValueError, RecursionError):  # JSON nested too deep
         return {}
-    return holder if isinstance(holder, dict) else {}
+    if not isinstance(holder, dict):
+        return {}
+    return {key: value for key, value in holder.items() if _is_lock_entry(key, value)}
+
+
+def _is_lock_entry(key: str, value: object) -> bool:
+    """Whether `key: value` is an entry `_new_lock_record` or a heartbeat could have written."""
+    if key in ("run", "process", "host", "started"):
+        return isinstance(value, str)
+    if key == "pid":
+        return type(value) is int and 0 < value <= _MAX_PID
+    if key == "heartbeat":
+        return _is_number(value)
+    if key == "epoch_seconds":  # three epochs' time must stay finite too
+        return _is_number(value) and value >= 0 and _is_number(_LOCK_TIMEOUT_EPOCHS * value)
+    return False
 
 
 def _is_stale(holder: dict, now: float) -> bool:
     """Whether a lock's run has ended, as far as can be known at time `now`.
 
-    On this host: its process is gone, or has this process's pid but is none of its runs (a
-    restarted container reuses pids). From another: its heartbeat is older than
-    `_lock_timeout`. An empty record is never stale.
+    On this host: its process is gone, or its pid is another process's now (a restarted
+    container reuses pids), where `_process_identity` tells. From another: its heartbeat is
+    older than `_lock_timeout`. A record without a pid or a heartbeat is never stale.
     """
     if holder.get("host") == socket.gethostname():
         pid = holder.get("pid")
-        if pid == os.getpid():
-            return holder.get("run") not in _RUNS_HERE
-        return type(pid) is int and pid > 0 and not _process_exists(pid)
+        if pid is None:
+            return False
+        if not _process_exists(pid):
+            return True
+        recorded, current = holder.get("process"), _process_identity(pid)
+        return None not in (recorded, current) and recorded != current
     silence = _silence(holder, now)
     return silence is not None and silence > _lock_timeout(holder)
 
@@ -566,25 +598,26 @@ def _process_exists(pid: int) -> bool:
 def _silence(holder: dict, now: float) -> float | None:
     """Seconds since a lock's last heartbeat, at time `now`; None if it records none."""
     heartbeat = holder.get("heartbeat")
-    return now - heartbeat if _is_number(heartbeat) else None
+    return now - heartbeat if heartbeat is not None else None
 
 
 def _lock_timeout(holder: dict) -> float:
     """How long a lock from another machine may go without a heartbeat before it is stale."""
     epoch = holder.get("epoch_seconds")
-    return max(_LOCK_TIMEOUT_SECONDS, _LOCK_TIMEOUT_EPOCHS * epoch if _is_number(epoch) else 0)
+    return max(_LOCK_TIMEOUT_SECONDS, _LOCK_TIMEOUT_EPOCHS * epoch if epoch is not None else 0)
 
 
 def _describe_holder(holder: dict, now: float) -> str:
     """The run a lock names, in words: where it runs, since when, and its last heartbeat."""
     if not holder:
-        return "its lock file is empty or unreadable: being written, or left by a crash"
+        return ("its lock file is empty, unreadable or garbled: being written, or left by a crash "
+                "or by hand")
     silence = _silence(holder, now)
     # Minutes ago, not a time of day: the other machine's clock and time zone may differ.
     heartbeat = "unknown" if silence is None else f"{max(0.0, silence) / 60:.0f} min ago"
     return (
-        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
-        f"last heartbeat {heartbeat}"
+        f"pid {holder.get('pid', 'unknown')} on {holder.get('host', 'an unknown host')}, "
+        f"started {holder.get('started', 'unknown')}, last heartbeat {heartbeat}"
     )
 
 

@@ -816,8 +816,52 @@ def test_a_lock_is_stale_by_its_process_here_and_by_its_heartbeat_elsewhere() ->
     assert not utils._is_stale({}, now)
     here = lock_record(host=socket.gethostname(), heartbeat=now - 10**6)
     assert not utils._is_stale({**here, "pid": os.getppid()}, now)  # its process lives
-    # This process's pid, but none of its runs: an earlier process's (a restarted container).
-    assert utils._is_stale({**here, "pid": os.getpid()}, now)
+    assert not utils._is_stale({**here, "pid": os.getpid()}, now)  # no identity: taken as live
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_a_lock_naming_a_live_pid_is_stale_once_another_process_has_that_pid() -> None:
+    # A restarted container reuses pids: a lock left by the earlier process that had this
+    # process's pid is stale. The recorded identity tells them apart, no module state.
+    here = lock_record(host=socket.gethostname(), pid=os.getpid())
+    identity = utils._process_identity(os.getpid())
+    boot, ticks = identity.rsplit(":", 1)
+    assert ticks.isdigit()
+    assert not utils._is_stale({**here, "process": identity}, time.time())
+    for other in (f"{boot}:{int(ticks) + 1}", f"another boot:{ticks}"):  # a pid reused
+        assert utils._is_stale({**here, "process": other}, time.time())
+
+
+def test_a_lock_held_by_a_live_process_is_refused_until_that_process_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    take_and_wait = (
+        "import sys, time; from pathlib import Path; import utils; "
+        "utils._RunLock(Path(sys.argv[1])).take(); print('taken', flush=True); time.sleep(600)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen([sys.executable, "-c", take_and_wait, str(tmp_path)], cwd=root,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "taken\n"
+            record = json.loads((tmp_path / "run.lock").read_text())
+            assert record["pid"] == holder.pid
+            assert record["process"] == utils._process_identity(holder.pid)
+            with pytest.raises(utils.FolderInUseError, match=re.escape(
+                    f"is in use by another run (pid {holder.pid} on {socket.gethostname()}")):
+                utils._RunLock(tmp_path).take()
+        finally:
+            holder.kill()  # no release: as a crash leaves its lock
+    assert json.loads((tmp_path / "run.lock").read_text()) == record
+    lock = utils._RunLock(tmp_path)
+    lock.take()
+    try:
+        assert json.loads((tmp_path / "run.lock").read_text())["run"] == lock.record["run"]
+        assert capsys.readouterr().out.startswith(
+            f"Taking over {tmp_path / 'run.lock'}: its run (pid {holder.pid} on ")
+    finally:
+        lock.release()
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_the_lock_is_renewed_before_each_epochs_checkpoint_with_the_epochs_time(
@@ -923,9 +967,38 @@ def test_a_lock_that_may_be_live_is_refused_naming_its_run(tmp_path: Path, holde
     lock.write_text(json.dumps(holder) if holder else "")
     with pytest.raises(utils.FolderInUseError, match=re.escape(
             "pid 1 on colab-vm-7f3a, started 2026-01-02 03:04:05" if holder
-            else "its lock file is empty or unreadable")):
+            else "its lock file is empty, unreadable or garbled")):
         tiny_fit(tmp_path)
     assert folder_files(tmp_path) == {"run.lock": lock.read_bytes()}
+
+
+@pytest.mark.parametrize(("content", "described"), [
+    # Crashed before with a bare OverflowError (os.kill), as did the 3rd (math.ceil of inf) and
+    # the last (RecursionError); the others were refused naming "pid -1", "started []".
+    pytest.param('{"pid": 1180591620717411303424, "host": "HOST"}', "pid unknown on HOST",
+                 id="pid-beyond-any-process-id"),
+    pytest.param('{"run": 7, "pid": -1, "host": "HOST", "started": []}',
+                 "pid unknown on HOST, started unknown", id="pid-negative"),
+    pytest.param('{"pid": 1, "host": "colab-vm-7f3a", "heartbeat": NOW, "epoch_seconds": 1e308}',
+                 "not renewed for 10 min", id="epoch-seconds-overflowing"),
+    pytest.param('{"pid": 1, "host": "colab-vm-7f3a", "heartbeat": NaN, "epoch_seconds": Infinity}',
+                 "pid 1 on colab-vm-7f3a, started unknown, last heartbeat unknown",
+                 id="not-finite"),
+    pytest.param("[" * 4000, "its lock file is empty, unreadable or garbled",
+                 id="json-nested-too-deep"),
+])
+def test_a_garbled_lock_is_refused_with_the_fix_never_a_crash(
+    tmp_path: Path, content: str, described: str
+) -> None:
+    host = socket.gethostname()
+    lock = tmp_path / "run.lock"
+    lock.write_text(content.replace("HOST", host).replace("NOW", str(time.time())))
+    before = lock.read_text()
+    with pytest.raises(utils.FolderInUseError) as error:
+        utils._RunLock(tmp_path).take()
+    assert described.replace("HOST", host) in str(error.value)
+    assert f"if that run has ended, delete {lock} and run again" in str(error.value)
+    assert lock.read_text() == before
 
 
 def test_a_history_json_left_behind_last_pt_is_rewritten_on_resume(
