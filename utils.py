@@ -131,9 +131,12 @@ def drive_checkpoint_dir(mount_point: str = "/content/drive") -> Path:
     return Path(mount_point) / "MyDrive" / "s9-checkpoints"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe; its defaults tie the best recipe measured on validation."""
+    """The training recipe; its defaults tie the best recipe measured on validation.
+
+    Frozen: a run's recipe cannot change under it; dataclasses.replace makes a changed copy.
+    """
 
     epochs: int = 60
     # Batch 256 at peak LR 0.4 matched batch 128 at 0.2 on validation over 60 epochs (87.94% vs
@@ -194,9 +197,10 @@ class TrainConfig:
                 f"invalid TrainConfig: {'; '.join(problems)}. Pass values in those ranges "
                 "(TrainConfig() holds the measured recipe)."
             )
-        # Plain values: weights_only loading refuses a checkpoint holding numpy's.
+        # Plain values: weights_only loading refuses a checkpoint holding numpy's. Set as a
+        # frozen dataclass's __init__ sets its fields.
         for name, kind in _field_types().items():
-            setattr(self, name, kind(getattr(self, name)))
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)

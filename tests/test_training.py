@@ -1158,6 +1158,16 @@ def test_config_takes_numpy_numbers_and_stores_them_as_plain_values(tmp_path: Pa
     assert torch.load(tmp_path / "config.pt", weights_only=True) == fields
 
 
+def test_a_config_cannot_change_after_its_checks() -> None:
+    # A field set after __post_init__ skipped its checks: max_lr = -1 reached torch.
+    config = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_lr = -1.0
+    with pytest.raises(ValueError, match=r"max_lr=-1\.0 must be in \(0, "):
+        dataclasses.replace(config, max_lr=-1.0)
+    assert config.max_lr == 0.4
+
+
 @pytest.mark.parametrize("warmup_fraction", [0.0, 0.99])
 def test_the_widest_accepted_warm_ups_train_through_the_last_batch(warmup_fraction: float) -> None:
     history = tiny_fit(None, epochs=2, warmup_fraction=warmup_fraction)
