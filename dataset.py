@@ -426,11 +426,8 @@ def _byte_count(shape: tuple[int, ...], dtype: np.dtype) -> int:
     """The bytes an array of `shape` holds, refused where no numpy array or batch is so large."""
     if len(shape) > _MAX_DIMS:
         raise _NotABatch(f"an array of {len(shape)} dimensions; numpy allows {_MAX_DIMS}")
-    if max(shape, default=0).bit_length() > _MAX_INT_BITS:
-        raise _NotABatch(
-            f"an array of shape {shape!r:.60}: a side of more than {_MAX_INT_BITS} bits"
-        )
-    # At most 64 sides of at most 64 bits: a product of at most 4,096 bits, quick however huge
+    # At most 64 sides of at most 64 bits (`_scan_pickle` refuses any longer integer, and a
+    # batch's only others are BININT's 32): a product of at most 4,096 bits, quick however huge
     # (a product of many huge sides grows with each and takes quadratic time).
     size = math.prod(shape) * dtype.itemsize
     if size > BATCH_IMAGES * IMAGE_BYTES:

@@ -131,9 +131,12 @@ def drive_checkpoint_dir(mount_point: str = "/content/drive") -> Path:
     return Path(mount_point) / "MyDrive" / "s9-checkpoints"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe; its defaults tie the best recipe measured on validation."""
+    """The training recipe; its defaults tie the best recipe measured on validation.
+
+    Frozen: a run's recipe cannot change under it; dataclasses.replace makes a changed copy.
+    """
 
     epochs: int = 60
     # Batch 256 at peak LR 0.4 matched batch 128 at 0.2 on validation over 60 epochs (87.94% vs
@@ -181,45 +184,23 @@ class TrainConfig:
 
         Numbers of numpy types (from a sweep over np.linspace, say) are stored as plain ones.
         """
-        wrong_types = _wrong_types(self)
+        values = {name: getattr(self, name) for name in _field_types()}
+        wrong_types = _wrong_types(values)
         if wrong_types:
             raise TypeError(
                 f"invalid TrainConfig: {'; '.join(wrong_types)}. Pass values of those types "
                 "(TrainConfig() holds the measured recipe)."
             )
-        rules = (
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            # SGD applies the learning rate as a float32: a larger one fails inside torch
-            ("max_lr", 0 < self.max_lr <= _FLOAT32_MAX, f"in (0, {_FLOAT32_MAX:.3g}]"),
-            # OneCycleLR divides by the annealing phase's length: 1.0 fails on the last batch.
-            ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"),
-            ("div_factor", self.div_factor > 0, "> 0"),
-            ("final_div_factor", self.final_div_factor > 0, "> 0"),
-            ("anneal", self.anneal in ("linear", "cos"), "'linear' or 'cos'"),
-            ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
-            ("momentum", 0 < self.momentum < 1 if self.nesterov else 0 <= self.momentum < 1,
-             "in (0, 1) with nesterov=True, else in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no moving average)"),
-            ("log_every", self.log_every >= 1, ">= 1 (batches between loss checks)"),
-            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32) (numpy's seeds)"),
-        )
-        infinite = [name for name, kind in _field_types().items()
-                    if kind is float and not _is_finite(getattr(self, name))]
-        problems = [f"{name}={getattr(self, name)!r:.40} must be finite" for name in infinite] + [
-            f"{name}={getattr(self, name)!r:.40} must be {rule}"
-            for name, ok, rule in rules if not ok and name not in infinite
-        ]
+        problems = _out_of_range(values)
         if problems:
             raise ValueError(
                 f"invalid TrainConfig: {'; '.join(problems)}. Pass values in those ranges "
                 "(TrainConfig() holds the measured recipe)."
             )
-        # Plain values: weights_only loading refuses a checkpoint holding numpy's.
+        # Plain values: weights_only loading refuses a checkpoint holding numpy's. Set as a
+        # frozen dataclass's __init__ sets its fields.
         for name, kind in _field_types().items():
-            setattr(self, name, kind(getattr(self, name)))
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -242,15 +223,48 @@ def _field_types() -> dict[str, type]:
     return {spec.name: hints[spec.name] for spec in dataclasses.fields(TrainConfig)}
 
 
-def _wrong_types(config: TrainConfig) -> list[str]:
-    """Each field of `config` whose value is not of its annotated type, with the type it needs."""
+def _wrong_types(values: dict[str, object]) -> list[str]:
+    """Each TrainConfig field in `values` not of its annotated type, with the type it needs."""
     wrong = []
     for name, kind in _field_types().items():
         accepts, described = _ACCEPTED[kind]
-        value = getattr(config, name)
+        value = values[name]
         if not accepts(value):
             wrong.append(f"{name}={value!r:.40} must be {described}, not {type(value).__name__}")
     return wrong
+
+
+def _out_of_range(values: dict[str, object]) -> list[str]:
+    """Each TrainConfig field in `values` (each of its type) that would fail a run, and why."""
+    v = values
+    float32 = f"{_FLOAT32_MAX:.3g}"
+    rules = (
+        ("epochs", v["epochs"] >= 1, ">= 1"),
+        ("batch_size", v["batch_size"] >= 1, ">= 1"),
+        # torch applies the learning rate and weight decay as float32s: larger ones fail in it.
+        ("max_lr", 0 < v["max_lr"] <= _FLOAT32_MAX, f"in (0, {float32}]"),
+        # OneCycleLR divides by the annealing phase's length: 1.0 fails on the last batch.
+        ("warmup_fraction", 0 <= v["warmup_fraction"] < 1, "in [0, 1)"),
+        # The cycle starts at max_lr/div_factor and ends lower still: below 1 it would start
+        # above max_lr, and a tiny factor overflows the float32 learning rate.
+        ("div_factor", 1 <= v["div_factor"] <= _FLOAT32_MAX, f"in [1, {float32}]"),
+        ("final_div_factor", 1 <= v["final_div_factor"] <= _FLOAT32_MAX, f"in [1, {float32}]"),
+        ("anneal", v["anneal"] in ("linear", "cos"), "'linear' or 'cos'"),
+        ("optimizer", v["optimizer"] in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+        ("momentum", 0 < v["momentum"] < 1 if v["nesterov"] else 0 <= v["momentum"] < 1,
+         "in (0, 1) with nesterov=True, else in [0, 1)"),
+        ("weight_decay", 0 <= v["weight_decay"] <= _FLOAT32_MAX, f"in [0, {float32}]"),
+        ("label_smoothing", 0 <= v["label_smoothing"] < 1, "in [0, 1)"),
+        ("ema_decay", 0 <= v["ema_decay"] < 1, "in [0, 1) (0: no moving average)"),
+        ("log_every", v["log_every"] >= 1, ">= 1 (batches between loss checks)"),
+        ("seed", 0 <= v["seed"] < 2**32, "in [0, 2**32) (numpy's seeds)"),
+    )
+    infinite = [name for name, kind in _field_types().items()
+                if kind is float and not _is_finite(v[name])]
+    return [f"{name}={v[name]!r:.40} must be finite" for name in infinite] + [
+        f"{name}={v[name]!r:.40} must be {rule}"
+        for name, ok, rule in rules if not ok and name not in infinite
+    ]
 
 
 def _is_finite(value: numbers.Real) -> bool:
@@ -360,9 +374,8 @@ _TAKEOVER = "run.lock.takeover"
 # VM before its run can remove the lock.
 _LOCK_TIMEOUT_SECONDS = 600
 _LOCK_TIMEOUT_EPOCHS = 3
-# The runs (see `_new_lock_record`) whose locks this process holds. A lock naming this process's
-# pid but none of them was left by an earlier process with that pid (a restarted container).
-_RUNS_HERE: set[str] = set()
+# Process ids are C ints: a larger "pid" in a lock is no process's (os.kill would overflow).
+_MAX_PID = 2**31 - 1
 # The fallback torch.save raises when its writes fail (a full disk, say).
 _TORCH_WRITE_FAILED = "PytorchStreamWriter failed"
 
@@ -423,9 +436,26 @@ def _new_lock_record() -> dict[str, object]:
     """What a run's lock says of it: which run, where it runs, since when, and its heartbeat."""
     now = time.time()
     return {
-        "run": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
-        "started": _local_time(now), "heartbeat": now, "epoch_seconds": None,
+        "run": uuid.uuid4().hex, "pid": os.getpid(), "process": _process_identity(os.getpid()),
+        "host": socket.gethostname(), "started": _local_time(now), "heartbeat": now,
+        "epoch_seconds": None,
     }
+
+
+def _process_identity(pid: int) -> str | None:
+    """Which process `pid` is, told apart from a later one with its pid; None without /proc.
+
+    Linux's boot id and the process's start time in clock ticks since boot (field 22 of
+    /proc/<pid>/stat): a restarted container or machine reuses pids, never both of these.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may hold spaces and parentheses itself.
+    after_name = stat[stat.rfind(")") + 1:].split()
+    return f"{boot}:{after_name[19]}" if len(after_name) > 19 else None
 
 
 @dataclass
@@ -447,7 +477,6 @@ class _RunLock:
             if not _is_stale(holder, now):
                 raise FolderInUseError(_in_use_message(self.path, holder, now))
             self._take_over(holder)
-        _RUNS_HERE.add(self.record["run"])
 
     def _take_over(self, stale: dict) -> None:
         """Replace the lock that names the ended run `stale`, unless another run did first."""
@@ -484,7 +513,6 @@ class _RunLock:
 
     def release(self) -> None:
         """Remove the lock if it still names this run (one taken over is the other run's)."""
-        _RUNS_HERE.discard(self.record["run"])
         if _lock_holder(self.path).get("run") == self.record["run"]:
             self.path.unlink(missing_ok=True)  # removed meanwhile: the exception in flight matters
 
@@ -516,26 +544,44 @@ def _create_exclusive(path: Path, text: str) -> bool:
 
 
 def _lock_holder(lock: Path) -> dict:
-    """The record `lock` holds; empty if it holds none (gone, being written, not JSON)."""
+    """The record `lock` holds, less garbled entries; {} if none (gone, being written, not JSON)."""
     try:
         holder = json.loads(read_regular_file(lock, 4096).decode("utf-8", "replace"))
-    except (OSError, RefusedFileError, ValueError):
+    except (OSError, RefusedFileError, ValueError, RecursionError):  # JSON nested too deep
         return {}
-    return holder if isinstance(holder, dict) else {}
+    if not isinstance(holder, dict):
+        return {}
+    return {key: value for key, value in holder.items() if _is_lock_entry(key, value)}
+
+
+def _is_lock_entry(key: str, value: object) -> bool:
+    """Whether `key: value` is an entry `_new_lock_record` or a heartbeat could have written."""
+    if key in ("run", "process", "host", "started"):
+        return isinstance(value, str)
+    if key == "pid":
+        return type(value) is int and 0 < value <= _MAX_PID
+    if key == "heartbeat":
+        return _is_number(value)
+    if key == "epoch_seconds":  # three epochs' time must stay finite too
+        return _is_number(value) and value >= 0 and _is_number(_LOCK_TIMEOUT_EPOCHS * value)
+    return False
 
 
 def _is_stale(holder: dict, now: float) -> bool:
     """Whether a lock's run has ended, as far as can be known at time `now`.
 
-    On this host: its process is gone, or has this process's pid but is none of its runs (a
-    restarted container reuses pids). From another: its heartbeat is older than
-    `_lock_timeout`. An empty record is never stale.
+    On this host: its process is gone, or its pid is another process's now (a restarted
+    container reuses pids), where `_process_identity` tells. From another: its heartbeat is
+    older than `_lock_timeout`. A record without a pid or a heartbeat is never stale.
     """
     if holder.get("host") == socket.gethostname():
         pid = holder.get("pid")
-        if pid == os.getpid():
-            return holder.get("run") not in _RUNS_HERE
-        return type(pid) is int and pid > 0 and not _process_exists(pid)
+        if pid is None:
+            return False
+        if not _process_exists(pid):
+            return True
+        recorded, current = holder.get("process"), _process_identity(pid)
+        return None not in (recorded, current) and recorded != current
     silence = _silence(holder, now)
     return silence is not None and silence > _lock_timeout(holder)
 
@@ -556,25 +602,26 @@ def _process_exists(pid: int) -> bool:
 def _silence(holder: dict, now: float) -> float | None:
     """Seconds since a lock's last heartbeat, at time `now`; None if it records none."""
     heartbeat = holder.get("heartbeat")
-    return now - heartbeat if _is_number(heartbeat) else None
+    return now - heartbeat if heartbeat is not None else None
 
 
 def _lock_timeout(holder: dict) -> float:
     """How long a lock from another machine may go without a heartbeat before it is stale."""
     epoch = holder.get("epoch_seconds")
-    return max(_LOCK_TIMEOUT_SECONDS, _LOCK_TIMEOUT_EPOCHS * epoch if _is_number(epoch) else 0)
+    return max(_LOCK_TIMEOUT_SECONDS, _LOCK_TIMEOUT_EPOCHS * epoch if epoch is not None else 0)
 
 
 def _describe_holder(holder: dict, now: float) -> str:
     """The run a lock names, in words: where it runs, since when, and its last heartbeat."""
     if not holder:
-        return "its lock file is empty or unreadable: being written, or left by a crash"
+        return ("its lock file is empty, unreadable or garbled: being written, or left by a crash "
+                "or by hand")
     silence = _silence(holder, now)
     # Minutes ago, not a time of day: the other machine's clock and time zone may differ.
     heartbeat = "unknown" if silence is None else f"{max(0.0, silence) / 60:.0f} min ago"
     return (
-        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
-        f"last heartbeat {heartbeat}"
+        f"pid {holder.get('pid', 'unknown')} on {holder.get('host', 'an unknown host')}, "
+        f"started {holder.get('started', 'unknown')}, last heartbeat {heartbeat}"
     )
 
 
@@ -967,6 +1014,7 @@ def _check_same_run(
     path: Path, payload: dict, data: dict[str, int | str], config: TrainConfig
 ) -> None:
     """Refuse a checkpoint whose recipe, training-set size, steps or scored splits differ."""
+    _check_saved_recipe(path, payload["config"], config)
     saved = {**_ADDED_FIELDS, **payload["config"], **payload["data"]}
     wanted = {**dataclasses.asdict(config), **data}
     if 0 in (saved["ema_decay"], wanted["ema_decay"]):
@@ -981,6 +1029,21 @@ def _check_same_run(
             f"{path} holds a different run: {'; '.join(differences)}. Resume with the same config, "
             "training data and batch size; or pass resume=False to start a new run (the old one "
             "is moved aside); or use a new checkpoint_dir."
+        )
+
+
+def _check_saved_recipe(path: Path, saved: dict, config: TrainConfig) -> None:
+    """Refuse a saved recipe that TrainConfig refuses: fit never saves one.
+
+    A field the checkpoint lacks is left to `_check_same_run`: it is taken from `config`.
+    """
+    values = {**dataclasses.asdict(config),
+              **{name: saved[name] for name in _field_types() if name in saved}}
+    problems = _wrong_types(values) or _out_of_range(values)
+    if problems:
+        raise CheckpointError(
+            f"{path} holds a recipe that TrainConfig refuses ({'; '.join(problems)}), which fit "
+            f"never saves. {_RESUME_FIX}"
         )
 
 
@@ -1072,8 +1135,11 @@ def _check_optimizer_and_schedule(
     """
     problems = _optimizer_layout_problems(payload["optimizer"], state.optimizer)
     if not problems:
+        steps = epochs * state.data["steps_per_epoch"]
+        # A GradScaler (saved only when enabled) skips the steps with inf gradients.
+        scaled = bool(payload["scaler"])
         problems = _schedule_problems(payload, state, epochs) + _buffer_problems(
-            payload["optimizer"]["state"], state.optimizer
+            payload["optimizer"]["state"], state.optimizer, steps, scaled
         )
     if problems:
         raise CheckpointError(
@@ -1145,24 +1211,70 @@ def _learning_rates_at(scheduler: torch.optim.lr_scheduler.OneCycleLR, steps: in
         scheduler.last_epoch = current
 
 
-def _buffer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Each per-parameter optimizer tensor (momentum) unlike its parameter in shape or dtype."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    problems = []
+def _buffer_problems(
+    saved: dict, optimizer: torch.optim.Optimizer, steps: int, scaled: bool
+) -> list[str]:
+    """How the per-parameter optimizer state differs from what `optimizer` writes in `steps` steps.
+
+    Every key `_state_keys` names must be there, and no other; `scaled`: a GradScaler may have
+    skipped every step, so that no parameter has state yet.
+    """
+    params = [(param, group) for group in optimizer.param_groups for param in group["params"]]
+    problems = [
+        f"state for parameter {index!r:.20}, which this network lacks"
+        for index in saved if type(index) is not int or not 0 <= index < len(params)
+    ]
+    expected = {index: _state_keys(optimizer, group)
+                for index, (param, group) in enumerate(params) if param.requires_grad}
+    stateful = [index for index, keys in expected.items() if keys]
+    missing = [index for index in stateful if index not in saved]
+    # One optimizer step writes the state of every parameter at once: part of it missing is
+    # damage, all of it only a run whose every step the GradScaler skipped.
+    if missing and not (scaled and len(missing) == len(stateful)):
+        listed = ", ".join(map(str, missing[:3])) + (", ..." if len(missing) > 3 else "")
+        problems.append(f"no {type(optimizer).__name__} state for parameter(s) {listed}")
     for index, entry in saved.items():
-        if type(index) is not int or not 0 <= index < len(params) or not isinstance(entry, dict):
-            problems.append(f"state for parameter {index!r:.20}, which this network lacks")
-            continue
-        param = params[index]
-        problems += [
-            f"{key} of parameter {index} is no {param.dtype} tensor of shape "
-            f"{tuple(param.shape)}"
-            for key, value in entry.items()
-            if value is not None and not (
-                isinstance(value, torch.Tensor) and value.dtype == param.dtype
-                and value.shape in (param.shape, ())  # () for a step count (Adam's)
-            )
-        ]
+        if type(index) is int and 0 <= index < len(params):
+            keys = expected.get(index, ())
+            problems += _entry_problems(index, entry, params[index][0], keys, steps)
+    return problems
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, group: dict) -> tuple[str, ...]:
+    """The state keys `optimizer` (made by `_make_optimizer`) keeps for a parameter of `group`."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        return ("step", "exp_avg", "exp_avg_sq")
+    # SGD: without momentum (nesterov=False, momentum=0) it keeps no state.
+    return ("momentum_buffer",) if group["momentum"] else ()
+
+
+def _entry_problems(
+    index: int, entry: object, param: torch.Tensor, keys: tuple[str, ...], steps: int
+) -> list[str]:
+    """What is wrong with one parameter's saved optimizer state, given the `keys` it must hold."""
+    if not isinstance(entry, dict):
+        return [f"state of parameter {index} is no dict"]
+    # None: what older torch versions saved for SGD without momentum, which keeps no buffer.
+    held = {key: value for key, value in entry.items() if value is not None}
+    if set(held) != set(keys):
+        return [f"state of parameter {index} holds {list(held)!r:.80}, not {list(keys)} "
+                "(what this optimizer writes)"]
+    problems = [
+        f"{key} of parameter {index} is no {param.dtype} tensor of shape {tuple(param.shape)}"
+        for key, value in held.items()
+        if key != "step" and not (
+            isinstance(value, torch.Tensor) and value.dtype == param.dtype
+            and value.shape == param.shape
+        )
+    ]
+    step = held.get("step")
+    # A whole count of the steps taken (the GradScaler's skipped ones not counted)
+    if "step" in held and not (
+        isinstance(step, torch.Tensor) and step.shape == () and step.is_floating_point()
+        and step.item().is_integer() and 1 <= step.item() <= steps
+    ):
+        problems.append(f"step of parameter {index} is no scalar float tensor counting 1 to "
+                        f"{steps} optimizer steps")
     return problems
 
 

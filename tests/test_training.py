@@ -355,6 +355,17 @@ def test_load_weights_refuses_another_network_before_copying_any_weight(
         (lambda c: c.update(scaler={"scale": 1024.0}), "incomplete GradScaler state"),
         (lambda c: c["model"].pop("c1.0.0.weight"), r"different network \(missing: c1.0.0.weight\)"),
         (lambda c: c.update(history=[]), "it has no 'history' entry"),
+        (lambda c: c["config"].update(max_lr=float("nan")),
+         r"last\.pt holds a recipe that TrainConfig refuses \(max_lr=nan must be finite\), which "
+         r"fit never saves\. Delete it, or pass resume=False"),
+        (lambda c: c["config"].update(weight_decay=1e39, div_factor=0.0),
+         r"TrainConfig refuses \(div_factor=0\.0 must be in \[1, 3\.4e\+38\]; "
+         r"weight_decay=1e\+39 must be in \[0, 3\.4e\+38\]\)"),
+        # Resumed before: a field a resume may change went unchecked, and 1.0 == 1.
+        (lambda c: c["config"].update(log_every=-5),
+         r"TrainConfig refuses \(log_every=-5 must be >= 1"),
+        (lambda c: c["config"].update(epochs=1.0),
+         r"TrainConfig refuses \(epochs=1\.0 must be an int, not float\)"),
         (lambda c: c.update(history={"accuracy": [1.0]}), "a history this run cannot use"),
         (lambda c: c["optimizer"].update(param_groups=[]),
          r"optimizer or scheduler state other than this run's after 1 epochs: param_groups of "
@@ -369,6 +380,16 @@ def test_load_weights_refuses_another_network_before_copying_any_weight(
          r"scheduler\.last_epoch \(1000000 in the checkpoint, 2 after 1 epochs\)"),
         (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)),
          r"momentum_buffer of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        # Resumed before, as were the two below: a scalar passed for any per-parameter tensor.
+        (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.tensor(0.0)),
+         r"momentum_buffer of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        (lambda c: c["optimizer"]["state"].pop(2),
+         r"after 1 epochs: no SGD state for parameter\(s\) 2\. "),
+        (lambda c: c["optimizer"].update(state={}),
+         r"no SGD state for parameter\(s\) 0, 1, 2, \.\.\."),
+        (lambda c: c["optimizer"]["state"][0].update(step=torch.tensor(2.0)),
+         r"state of parameter 0 holds \['momentum_buffer', 'step'\], not \['momentum_buffer'\] "
+         r"\(what this optimizer writes\)"),
         (lambda c: c["optimizer"]["state"][1].update(momentum_buffer=torch.full((32,), float("nan"))),
          r"NaN or infinite values in optimizer\.state\.1\.momentum_buffer, which fit never saves"),
         (lambda c: [g.update(lr=100.0) for g in c["optimizer"]["param_groups"]],
@@ -401,6 +422,68 @@ def test_a_refused_resume_loads_nothing(
     with pytest.raises(CheckpointError, match=message):
         tiny_fit(tmp_path, model=model, resume=True)
     assert_same_weights(model, before)
+
+
+ADAMW = {"optimizer": "adamw", "max_lr": 0.001}
+
+
+@pytest.fixture(scope="module")
+def adamw_last_pt(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The last.pt of a finished `tiny_fit` run with AdamW (2 optimizer steps)."""
+    folder = tmp_path_factory.mktemp("adamw")
+    tiny_fit(folder, **ADAMW)
+    return (folder / "last.pt").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s[0].update(exp_avg=torch.tensor(0.0)),
+         r"exp_avg of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        (lambda s: s[0].update(exp_avg_sq=torch.zeros(32, 3, 3)),
+         r"exp_avg_sq of parameter 0 is no torch\.float32 tensor of shape \(32, 3, 3, 3\)"),
+        (lambda s: s[0].pop("exp_avg_sq"),
+         r"state of parameter 0 holds \['step', 'exp_avg'\], not "
+         r"\['step', 'exp_avg', 'exp_avg_sq'\]"),
+        (lambda s: s[0].update(momentum_buffer=torch.zeros(32, 3, 3, 3)),
+         r"state of parameter 0 holds"),
+        (lambda s: s[0].update(step=torch.ones(32, 3, 3, 3)),
+         r"step of parameter 0 is no scalar float tensor counting 1 to 2 optimizer steps"),
+        (lambda s: s[0].update(step=torch.tensor(3.0)), r"step of parameter 0 is no scalar"),
+        (lambda s: s[0].update(step=torch.tensor(1.5)), r"step of parameter 0 is no scalar"),
+        (lambda s: s.pop(5),
+         r"no AdamW state for parameter\(s\) 5\. Delete it, or pass resume=False"),
+    ],
+)
+def test_a_resume_refuses_adamw_state_unlike_what_adamw_writes(
+    tmp_path: Path, adamw_last_pt: bytes, damage: Callable[[dict], object], message: str
+) -> None:
+    checkpoint = torch.load(io.BytesIO(adamw_last_pt), weights_only=True)
+    damage(checkpoint["optimizer"]["state"])
+    torch.save(checkpoint, tmp_path / "last.pt")
+    model = Net()
+    before = weights(model)
+    with pytest.raises(CheckpointError, match=r"optimizer or scheduler state other than this "
+                       r"run's after 1 epochs: .*" + message):
+        tiny_fit(tmp_path, model=model, resume=True, **ADAMW)
+    assert_same_weights(model, before)
+
+
+def test_the_optimizer_state_each_recipe_writes_resumes(
+    tmp_path: Path, adamw_last_pt: bytes
+) -> None:
+    (tmp_path / "last.pt").write_bytes(adamw_last_pt)
+    assert tiny_fit(tmp_path, resume=True, **ADAMW).epochs == 1
+    plain_sgd = {"nesterov": False, "momentum": 0.0}  # keeps no per-parameter state
+    tiny_fit(tmp_path / "sgd", **plain_sgd)
+    assert torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)["optimizer"]["state"] == {}
+    assert tiny_fit(tmp_path / "sgd", resume=True, **plain_sgd).epochs == 1
+    # As older torch versions saved it: a None buffer for each parameter.
+    checkpoint = torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)
+    params = [i for group in checkpoint["optimizer"]["param_groups"] for i in group["params"]]
+    checkpoint["optimizer"]["state"] = {i: {"momentum_buffer": None} for i in params}
+    torch.save(checkpoint, tmp_path / "sgd" / "last.pt")
+    assert tiny_fit(tmp_path / "sgd", resume=True, **plain_sgd).epochs == 1
 
 
 def test_a_resume_copies_no_optimizer_or_scheduler(
@@ -499,6 +582,27 @@ def test_a_refused_setup_says_how_to_match_each_difference(tmp_path: Path) -> No
         "pass allow_other_setup=True to fit"
     ) in str(error.value)
     assert "torch_threads" not in str(error.value)  # the CUDA run recorded none: nothing to match
+
+
+@pytest.mark.parametrize(("native_bf16", "saved", "refused"),
+                         [(True, "torch.bfloat16", True), (False, "torch.float32", False)])
+def test_a_resume_that_turns_mixed_precision_off_is_refused_where_it_changes_the_numbers(
+    tmp_path: Path, last_pt: bytes, monkeypatch: pytest.MonkeyPatch, native_bf16: bool,
+    saved: str, refused: bool,
+) -> None:
+    # mixed_precision is no recipe field a resume must keep: the setup records the autocast
+    # dtype it gives, which is what changes the numbers (on a CPU without bf16, nothing).
+    monkeypatch.setattr("utils._cpu_has_native_bf16", lambda: native_bf16)
+    payload = torch.load(io.BytesIO(last_pt), weights_only=True)
+    payload["setups"][-1]["setup"]["autocast"] = saved  # as a run with mixed_precision=True
+    torch.save(payload, tmp_path / "last.pt")
+    if not refused:
+        assert tiny_fit(tmp_path, resume=True, mixed_precision=False).epochs == 1
+        return
+    with pytest.raises(CheckpointError, match=re.escape(
+            "autocast ('torch.bfloat16' in the checkpoint, 'torch.float32' now). Resumed so, the "
+            "run would not repeat an uninterrupted one. To repeat it: autocast to torch.bfloat16")):
+        tiny_fit(tmp_path, resume=True, mixed_precision=False)
 
 
 def test_a_gpu_run_resumes_on_a_machine_with_another_cpu_count(tmp_path: Path) -> None:
@@ -712,8 +816,52 @@ def test_a_lock_is_stale_by_its_process_here_and_by_its_heartbeat_elsewhere() ->
     assert not utils._is_stale({}, now)
     here = lock_record(host=socket.gethostname(), heartbeat=now - 10**6)
     assert not utils._is_stale({**here, "pid": os.getppid()}, now)  # its process lives
-    # This process's pid, but none of its runs: an earlier process's (a restarted container).
-    assert utils._is_stale({**here, "pid": os.getpid()}, now)
+    assert not utils._is_stale({**here, "pid": os.getpid()}, now)  # no identity: taken as live
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_a_lock_naming_a_live_pid_is_stale_once_another_process_has_that_pid() -> None:
+    # A restarted container reuses pids: a lock left by the earlier process that had this
+    # process's pid is stale. The recorded identity tells them apart, no module state.
+    here = lock_record(host=socket.gethostname(), pid=os.getpid())
+    identity = utils._process_identity(os.getpid())
+    boot, ticks = identity.rsplit(":", 1)
+    assert ticks.isdigit()
+    assert not utils._is_stale({**here, "process": identity}, time.time())
+    for other in (f"{boot}:{int(ticks) + 1}", f"another boot:{ticks}"):  # a pid reused
+        assert utils._is_stale({**here, "process": other}, time.time())
+
+
+def test_a_lock_held_by_a_live_process_is_refused_until_that_process_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    take_and_wait = (
+        "import sys, time; from pathlib import Path; import utils; "
+        "utils._RunLock(Path(sys.argv[1])).take(); print('taken', flush=True); time.sleep(600)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen([sys.executable, "-c", take_and_wait, str(tmp_path)], cwd=root,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "taken\n"
+            record = json.loads((tmp_path / "run.lock").read_text())
+            assert record["pid"] == holder.pid
+            assert record["process"] == utils._process_identity(holder.pid)
+            with pytest.raises(utils.FolderInUseError, match=re.escape(
+                    f"is in use by another run (pid {holder.pid} on {socket.gethostname()}")):
+                utils._RunLock(tmp_path).take()
+        finally:
+            holder.kill()  # no release: as a crash leaves its lock
+    assert json.loads((tmp_path / "run.lock").read_text()) == record
+    lock = utils._RunLock(tmp_path)
+    lock.take()
+    try:
+        assert json.loads((tmp_path / "run.lock").read_text())["run"] == lock.record["run"]
+        assert capsys.readouterr().out.startswith(
+            f"Taking over {tmp_path / 'run.lock'}: its run (pid {holder.pid} on ")
+    finally:
+        lock.release()
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_the_lock_is_renewed_before_each_epochs_checkpoint_with_the_epochs_time(
@@ -819,9 +967,38 @@ def test_a_lock_that_may_be_live_is_refused_naming_its_run(tmp_path: Path, holde
     lock.write_text(json.dumps(holder) if holder else "")
     with pytest.raises(utils.FolderInUseError, match=re.escape(
             "pid 1 on colab-vm-7f3a, started 2026-01-02 03:04:05" if holder
-            else "its lock file is empty or unreadable")):
+            else "its lock file is empty, unreadable or garbled")):
         tiny_fit(tmp_path)
     assert folder_files(tmp_path) == {"run.lock": lock.read_bytes()}
+
+
+@pytest.mark.parametrize(("content", "described"), [
+    # Crashed before with a bare OverflowError (os.kill), as did the 3rd (math.ceil of inf) and
+    # the last (RecursionError); the others were refused naming "pid -1", "started []".
+    pytest.param('{"pid": 1180591620717411303424, "host": "HOST"}', "pid unknown on HOST",
+                 id="pid-beyond-any-process-id"),
+    pytest.param('{"run": 7, "pid": -1, "host": "HOST", "started": []}',
+                 "pid unknown on HOST, started unknown", id="pid-negative"),
+    pytest.param('{"pid": 1, "host": "colab-vm-7f3a", "heartbeat": NOW, "epoch_seconds": 1e308}',
+                 "not renewed for 10 min", id="epoch-seconds-overflowing"),
+    pytest.param('{"pid": 1, "host": "colab-vm-7f3a", "heartbeat": NaN, "epoch_seconds": Infinity}',
+                 "pid 1 on colab-vm-7f3a, started unknown, last heartbeat unknown",
+                 id="not-finite"),
+    pytest.param("[" * 4000, "its lock file is empty, unreadable or garbled",
+                 id="json-nested-too-deep"),
+])
+def test_a_garbled_lock_is_refused_with_the_fix_never_a_crash(
+    tmp_path: Path, content: str, described: str
+) -> None:
+    host = socket.gethostname()
+    lock = tmp_path / "run.lock"
+    lock.write_text(content.replace("HOST", host).replace("NOW", str(time.time())))
+    before = lock.read_text()
+    with pytest.raises(utils.FolderInUseError) as error:
+        utils._RunLock(tmp_path).take()
+    assert described.replace("HOST", host) in str(error.value)
+    assert f"if that run has ended, delete {lock} and run again" in str(error.value)
+    assert lock.read_text() == before
 
 
 def test_a_history_json_left_behind_last_pt_is_rewritten_on_resume(
@@ -940,7 +1117,10 @@ def test_a_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path) -
      ("warmup_fraction", -0.1), ("div_factor", 0.0), ("final_div_factor", 0.0), ("momentum", 0.0),
      ("momentum", 1.0), ("weight_decay", -1e-4), ("seed", -1), ("seed", 2**64),
      ("max_lr", 1e300), ("weight_decay", float("inf")), ("div_factor", float("inf")),
-     pytest.param("max_lr", 10**400, id="max_lr-10**400"), ("max_lr", np.float64("nan"))],
+     pytest.param("max_lr", 10**400, id="max_lr-10**400"), ("max_lr", np.float64("nan")),
+     # Accepted before: a cycle starting above max_lr, a float32 overflow in torch's update.
+     ("div_factor", 0.5), ("final_div_factor", 0.99), ("div_factor", 1e39),
+     ("final_div_factor", 1e39), ("weight_decay", 1e39)],
 )
 def test_config_refuses_values_that_would_fail_mid_run(field: str, value: float) -> None:
     # 10**400, too large for a float, raised a bare OverflowError.
@@ -976,6 +1156,16 @@ def test_config_takes_numpy_numbers_and_stores_them_as_plain_values(tmp_path: Pa
         "nesterov": (bool, False), "anneal": (str, "cos")}
     torch.save(fields, tmp_path / "config.pt")  # as checkpoints hold it
     assert torch.load(tmp_path / "config.pt", weights_only=True) == fields
+
+
+def test_a_config_cannot_change_after_its_checks() -> None:
+    # A field set after __post_init__ skipped its checks: max_lr = -1 reached torch.
+    config = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_lr = -1.0
+    with pytest.raises(ValueError, match=r"max_lr=-1\.0 must be in \(0, "):
+        dataclasses.replace(config, max_lr=-1.0)
+    assert config.max_lr == 0.4
 
 
 @pytest.mark.parametrize("warmup_fraction", [0.0, 0.99])
