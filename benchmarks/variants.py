@@ -1,4 +1,4 @@
-"""Architectures measured against `Net`, while choosing it and since; `bench.py --nets` trains any of them."""
+"""Architectures measured against `Net`; `bench.py --nets` trains any of them."""
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ class HighResolutionNet(Net):
     39.0 M). Receptive field 73 pixels.
     """
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 96)) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
+        # Builds every layer in the order `Net` did when it was this net (commit 7f9ed43), so a
+        # seed draws the same initial weights and its recorded runs repeat exactly.
         nn.Module.__init__(self)
-        w1, w2, w3 = widths
+        w1, w2, w3 = 32, 64, 96
         self.c1 = nn.Sequential(
             ConvBNReLU(3, w1),
             *(Residual(ConvBNReLU(w1, w1), ConvBNReLU(w1, w1)) for _ in range(3)),
@@ -51,8 +53,8 @@ class ShallowSeparableNet(Net):
     """
 
     def __init__(self, num_classes: int = 10) -> None:
-        # Builds every layer itself, in the order `Net` did when it was this net, so a seed draws
-        # the same initial weights as it did then and the sweep's commands repeat their runs exactly.
+        # Builds every layer itself, in the order `Net` did when it was this net, so a seed
+        # draws the same initial weights as then and the sweep's commands repeat their runs.
         nn.Module.__init__(self)
         self.c1 = nn.Sequential(ConvBNReLU(3, 32), ConvBNReLU(32, 32), ConvBNReLU(32, 64, stride=2))
         self.c2 = nn.Sequential(
