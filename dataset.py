@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -507,9 +507,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         _scan_pickle(content)
         batch = _BatchUnpickler(content).load()
-        return _images_and_labels(batch, path)
-    except CIFAR10FormatError:
-        raise
+        return _images_and_labels(batch)
     except _NotABatch as err:
         raise CIFAR10FormatError(f"{path}: not a CIFAR-10 batch ({err}). {fix}") from err
     except MemoryError as err:
@@ -531,29 +529,26 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from err
 
 
-def _images_and_labels(batch: object, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _images_and_labels(batch: object) -> tuple[np.ndarray, np.ndarray]:
     """Validate a decoded batch dict and reshape its rows into HWC images."""
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        raise CIFAR10FormatError(
-            f"{path}: expected a dict with 'data' and 'labels' (the CIFAR-10 python format). "
-            "Point the loader at a cifar-10-batches-py folder, or download it again."
+        raise _NotABatch(
+            f"a {type(batch).__name__}, not a dict with 'data' and 'labels' (the CIFAR-10 "
+            "python format): is this a cifar-10-batches-py folder?"
         )
     data = _array(batch["data"])
     labels = _labels(batch["labels"])
     if data.ndim != 2 or data.shape[1] != IMAGE_BYTES or data.dtype != np.uint8:
-        raise CIFAR10FormatError(
-            f"{path}: data has shape {data.shape} and dtype {data.dtype}; expected uint8 rows of "
-            f"{IMAGE_BYTES} bytes (N x 3072). Download the batches again."
+        raise _NotABatch(
+            f"data has shape {data.shape} and dtype {data.dtype}; expected uint8 rows of "
+            f"{IMAGE_BYTES} bytes (N x 3072)"
         )
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise CIFAR10FormatError(
-            f"{path}: {labels.shape} labels for {len(data)} images; expected one integer each. "
-            "Download the batches again."
-        )
+        raise _NotABatch(f"{labels.shape} labels for {len(data)} images; expected one integer each")
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise CIFAR10FormatError(
-            f"{path}: labels span {labels.min()}..{labels.max()}; CIFAR-10 labels are 0..9. "
-            "Is this CIFAR-100? Download CIFAR-10 again."
+        raise _NotABatch(
+            f"labels span {labels.min()}..{labels.max()}; CIFAR-10 labels are 0..9 "
+            "(is this CIFAR-100?)"
         )
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels.astype(np.int64)
@@ -758,7 +753,7 @@ class CIFAR10Dataset(Dataset):
         self,
         images: np.ndarray,
         labels: np.ndarray,
-        transform: Callable[..., dict] | None = None,
+        transform: Callable[..., dict],
     ) -> None:
         _check_images(images)
         _check_labels(labels, len(images))
@@ -767,15 +762,12 @@ class CIFAR10Dataset(Dataset):
         self.transform = transform
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        if self.transform is not None:
-            tensor = self.transform(image=image)["image"]
-        else:
-            tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)
-        return tensor, int(self.labels[index])
+        """One transformed image (a CHW tensor) and its class index."""
+        return self.transform(image=self.images[index])["image"], int(self.labels[index])
 
 
 def _check_images(images: np.ndarray) -> None:
@@ -909,7 +901,8 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int | None = None) -
 
 def default_workers(workers: int | None) -> int:
     """`workers`, or one loader process per CPU core, up to 8, when it is None."""
-    # The cap: on a 16-core H200 machine 16 workers made an epoch no faster than 8 (README, Speed).
+    # The cap: on a 16-core H200 machine 16 workers made an epoch no faster than 8
+    # (benchmarks/README.md, How fast).
     return min(8, os.cpu_count() or 1) if workers is None else workers
 
 

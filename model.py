@@ -85,6 +85,7 @@ class Residual(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The input plus what the body adds to it."""
         return x + self.body(x)
 
 
@@ -127,6 +128,7 @@ class Net(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of 3x32x32 images."""
         if x.ndim != 4 or tuple(x.shape[1:]) != INPUT_SHAPE:
             raise ValueError(
                 f"Net expects a batch of shape (N, 3, 32, 32); got {tuple(x.shape)}. "
@@ -185,7 +187,7 @@ def _geometry(module: nn.Module, input_size: int, output_size: int) -> tuple[int
     return first(module.kernel_size), first(module.stride), first(dilation)
 
 
-def _spatial_layers(model: nn.Module, input_size: int) -> list[_Layer]:
+def _spatial_layers(model: nn.Module) -> list[_Layer]:
     """Every conv and pooling layer, in the order the forward pass runs them.
 
     Hooks record the order the layers actually run in, so nothing depends on how the
@@ -205,7 +207,7 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[_Layer]:
         model.eval()
         device = next(model.parameters()).device
         with torch.no_grad():
-            model(torch.zeros(1, INPUT_SHAPE[0], input_size, input_size, device=device))
+            model(torch.zeros(1, *INPUT_SHAPE, device=device))
     finally:
         model.train(was_training)
         for handle in handles:
@@ -213,7 +215,7 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[_Layer]:
     return seen
 
 
-def receptive_field_table(model: nn.Module, input_size: int = 32) -> list[LayerRF]:
+def receptive_field_table(model: nn.Module) -> list[LayerRF]:
     """Per-layer receptive field, walking the layers' kernel, stride and dilation in order.
 
     r_out = r_in + (k - 1) * dilation * j_in;  j_out = j_in * stride.
@@ -223,9 +225,14 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> list[LayerR
     conv is walked as if in series, so a projection shortcut (a strided or k > 1 conv on the
     skip path) would be counted as part of the main path: `Net` has none.
     """
+    return _receptive_field_rows(_spatial_layers(model))
+
+
+def _receptive_field_rows(layers: list[_Layer]) -> list[LayerRF]:
+    """The receptive-field walk of `receptive_field_table` over layers in the order they run."""
     rows: list[LayerRF] = []
     rf, jump = 1, 1
-    for layer in _spatial_layers(model, input_size):
+    for layer in layers:
         if layer.is_global_pool:
             break
         rf += (layer.kernel - 1) * layer.dilation * jump
@@ -236,10 +243,14 @@ def receptive_field_table(model: nn.Module, input_size: int = 32) -> list[LayerR
     return rows
 
 
-def receptive_field(model: nn.Module, input_size: int = 32) -> int:
+def receptive_field(model: nn.Module) -> int:
     """Receptive field (pixels) of one unit of the last feature map before global pooling."""
-    table = receptive_field_table(model, input_size)
-    return table[-1].receptive_field if table else 1
+    return _last_receptive_field(receptive_field_table(model))
+
+
+def _last_receptive_field(rows: list[LayerRF]) -> int:
+    """The receptive field at the end of a walk (1 px for a net without spatial layers)."""
+    return rows[-1].receptive_field if rows else 1
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -287,7 +298,7 @@ def _output_shape(model: nn.Module) -> tuple[int, ...]:
 
 def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     """Every rule of the brief, measured on the live model."""
-    layers = _spatial_layers(model, INPUT_SHAPE[1])
+    layers = _spatial_layers(model)
     gap = next((i for i, layer in enumerate(layers) if _is_global_average_pool(layer)), None)
     body, head = (layers[:gap], layers[gap + 1 :]) if gap is not None else (layers, [])
     convs = [layer for layer in body if isinstance(layer.module, nn.Conv2d)]
@@ -304,7 +315,7 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
         isinstance(layer.module, nn.Conv2d) and layer.module.kernel_size == (1, 1) for layer in head
     )
     params = count_parameters(model)
-    rf = receptive_field(model)
+    rf = _last_receptive_field(_receptive_field_rows(layers))
     outputs = _output_shape(model)
     return [
         BriefCheck("blocks C1 C2 C3 C4 + head", ", ".join(blocks), len(blocks) == 5),

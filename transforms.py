@@ -77,7 +77,7 @@ def train_transforms(
     )
 
 
-def test_transforms() -> A.Compose:
+def eval_transforms() -> A.Compose:
     """Deterministic evaluation transform: normalise and convert to a tensor."""
     return A.Compose(_normalize_to_tensor())
 
@@ -109,7 +109,7 @@ def _channel_stats() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize_images(images: np.ndarray) -> torch.Tensor:
-    """N x 32 x 32 x 3 uint8 images as `test_transforms` feeds them to a net, as one NCHW tensor."""
+    """N x 32 x 32 x 3 uint8 images as `eval_transforms` feeds them to a net, as one NCHW tensor."""
     mean, std = _channel_stats()
     return (torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2) - mean) / std
 

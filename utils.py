@@ -59,40 +59,65 @@ class NoGPUError(RuntimeError):
     """Colab gave this notebook no GPU, and the settings do not allow training on its CPU."""
 
 
-def estimate_epoch_seconds(
-    model: nn.Module, batch_size: int, images: int, device: torch.device, steps: int = 3
+def train_step_seconds(
+    model: nn.Module,
+    batch_size: int,
+    device: torch.device,
+    steps: int = 3,
+    warmup: int = 1,
+    mixed_precision: bool = True,
 ) -> float:
-    """Seconds per epoch of `images` images on `device`, timed by training a copy of `model`."""
+    """Mean seconds of one training step (forward, backward, SGD) on random images, as `fit` trains.
+
+    A copy of `model` trains, so the model itself is untouched; the first `warmup` steps
+    (allocation, kernel choice) are not counted.
+    """
     model = copy.deepcopy(model).to(device, memory_format=memory_format(device)).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     inputs = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(
         memory_format=memory_format(device)
     )
     targets = torch.randint(0, 10, (batch_size,), device=device)
     timings = []
-    for _ in range(steps + 1):  # the first step warms up (allocation, kernel choice): dropped
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    for _ in range(warmup + steps):
+        _synchronize(device)
         start = time.perf_counter()
-        with autocast(device):
+        with autocast(device, mixed_precision):
             loss = nn.functional.cross_entropy(model(inputs).float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         timings.append(time.perf_counter() - start)
-    return sum(timings[1:]) / steps * math.ceil(images / batch_size)
+    return sum(timings[warmup:]) / steps
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer reads what it took (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def estimate_epoch_seconds(
+    model: nn.Module,
+    config: TrainConfig,
+    images: int,
+    device: torch.device,
+) -> float:
+    """Seconds per epoch of `images` images on `device`, timed on a few training steps."""
+    step = train_step_seconds(
+        model, config.batch_size, device, mixed_precision=config.mixed_precision
+    )
+    return step * math.ceil(images / config.batch_size)
 
 
 def check_accelerator(
     device: torch.device,
     model: nn.Module,
+    config: TrainConfig,
     *,
     in_colab: bool,
     allow_cpu: bool,
-    batch_size: int,
-    epochs: int,
     images: int = 50_000,
 ) -> str:
     """Stop a Colab run that has no GPU (unless `allow_cpu`); else name the device and its cost."""
@@ -100,6 +125,7 @@ def check_accelerator(
         return f"GPU: {torch.cuda.get_device_name(device)}"
     if device.type == "mps":
         return "GPU: Apple silicon (MPS)"
+    epochs = config.epochs
     if in_colab and not allow_cpu:
         raise NoGPUError(
             f"This Colab runtime has no GPU: {epochs} epochs on its CPU would take hours, not "
@@ -107,7 +133,7 @@ def check_accelerator(
             "→ Save, then Runtime → Run all. To train on the CPU anyway, set ALLOW_CPU = True "
             "in the settings cell and run it again."
         )
-    seconds = estimate_epoch_seconds(model, batch_size, images, device)
+    seconds = estimate_epoch_seconds(model, config, images, device)
     total = seconds * epochs
     duration = f"{total / 3600:.1f} h" if total >= 3600 else f"{math.ceil(total / 60)} min"
     return (
@@ -173,8 +199,8 @@ class TrainConfig:
     ema_warmup: bool = True
     seed: int = 0
     # Autocast to a 16-bit float: float16 on CUDA; bfloat16 on CPUs with native bf16
-    # instructions, float32 on other CPUs, where emulated bf16 would be slower. The README's
-    # Speed note gives the measured gain and the bench.py command that measures it.
+    # instructions, float32 on other CPUs, where emulated bf16 would be slower. The measured
+    # gain and the bench.py command that measures it: benchmarks/README.md, How fast.
     mixed_precision: bool = True
     # Progress-bar refresh and NaN check, in batches: each costs a device sync on a GPU.
     log_every: int = 20
@@ -801,7 +827,7 @@ def _predict(
         model.eval()
         try:
             with torch.inference_mode(), autocast(device, mixed_precision):
-                inputs = _to_device(images, labels, device)[0]
+                inputs = images.to(device, non_blocking=True, memory_format=memory_format(device))
                 logits = model(inputs).float()
                 if flip:
                     logits = (logits + model(inputs.flip(3)).float()) / 2
@@ -1557,8 +1583,7 @@ def _score_average(
 
 
 def _save_run(lock: _RunLock, state: _TrainState, config: TrainConfig) -> None:
-    """Renew the folder's lock, then write last.pt and history.json; best.pt too when
-    validation is at its best yet.
+    """Renew the folder's lock, then write best.pt (at a new best), last.pt and history.json.
 
     The lock first: a run whose folder another run has taken over stops before writing. Only a
     validation score picks best.pt (of tied epochs, the later one): picking an epoch by its
@@ -1750,6 +1775,13 @@ def _summary(history: History, epochs: int) -> str:
     return "  ".join(parts)
 
 
+def checkpoint_data(path: str | os.PathLike) -> dict:
+    """What a checkpoint written by `fit` records of its data (source, image counts), or {}."""
+    payload = _read_checkpoint(Path(path), ("model",), "Pass a last.pt or best.pt written by fit.")
+    data = payload.get("data")
+    return data if isinstance(data, dict) else {}
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the model weights of a checkpoint written by `fit` (tensors only: weights_only)."""
     path = Path(path)
@@ -1778,7 +1810,7 @@ def format_table(rows: Sequence[object]) -> str:
 
 
 def _cell(value: object) -> str:
-    """Table text for one value: thousands separators for ints, yes/no for bools."""
+    """Table text for one value: thousands separators for ints, yes/NO for bools."""
     if isinstance(value, bool):
         return "yes" if value else "NO"
     if isinstance(value, int):
@@ -1867,7 +1899,7 @@ def misclassified(
     device: torch.device | str | None = None,
     limit: int | None = None,
 ) -> list[Misclassified]:
-    """The test images `model` gets wrong, most confident mistakes first."""
+    """The images of `loader` that `model` gets wrong, most confident mistakes first."""
     records: list[Misclassified] = []
     for images, labels, logits in _predict(model, loader, device):
         confidence, predicted = logits.softmax(1).cpu().max(1)
@@ -1918,9 +1950,9 @@ def per_class_accuracy(matrix: np.ndarray) -> dict[str, float]:
 
 
 def plot_confusion_matrix(
-    matrix: np.ndarray, path: str | os.PathLike | None = None
+    matrix: np.ndarray, path: str | os.PathLike | None = None, split: str = "test"
 ) -> plt.Figure:
-    """The confusion matrix as a heat map, rows normalised to the true-class counts."""
+    """The confusion matrix of the `split` images as a heat map, rows normalised to true counts."""
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -1929,5 +1961,5 @@ def plot_confusion_matrix(
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test)")
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({split})")
     return _finish(fig, path)

@@ -41,9 +41,9 @@ from dataset import (  # noqa: E402
     CIFAR10Dataset, Splits, default_workers, eval_loader, load_splits, make_loaders,
 )
 from model import Net, count_parameters  # noqa: E402
-from transforms import seed_transform, test_transforms, train_transforms  # noqa: E402
+from transforms import eval_transforms, seed_transform, train_transforms  # noqa: E402
 from utils import (  # noqa: E402
-    TrainConfig, autocast, evaluate, fit, get_device, half_dtype, memory_format, seed_everything
+    TrainConfig, evaluate, fit, get_device, half_dtype, seed_everything, train_step_seconds,
 )
 
 NETS = {
@@ -81,19 +81,7 @@ def cpu_train_throughput(
     """Steady-state training images/s on the CPU (forward, backward, SGD step), as `fit` trains."""
     seed_everything(0)
     cpu = torch.device("cpu")
-    model.train().to(memory_format=memory_format(cpu))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    images = torch.randn(batch_size, 3, 32, 32).to(memory_format=memory_format(cpu))
-    labels = torch.randint(0, 10, (batch_size,))
-    for step in range(warmup + steps):
-        if step == warmup:
-            start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(cpu, mixed_precision):
-            loss = nn.functional.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        optimizer.step()
-    return batch_size * steps / (time.perf_counter() - start)
+    return batch_size / train_step_seconds(model, batch_size, cpu, steps, warmup, mixed_precision)
 
 
 def augmentation_throughput(images: np.ndarray, count: int) -> float:
@@ -122,7 +110,7 @@ def loader_epoch_seconds(
     loader, _ = make_loaders(
         CIFAR10Dataset(images, labels, train_transforms(**augment)),
         # make_loaders also builds a test loader, which is never drawn from here
-        CIFAR10Dataset(images[:batch_size], labels[:batch_size], test_transforms()),
+        CIFAR10Dataset(images[:batch_size], labels[:batch_size], eval_transforms()),
         batch_size=batch_size,
         workers=workers,
     )
@@ -163,7 +151,7 @@ def accuracy_run(
     model = build_net(net_name, data.train_images)
     train_loader, test_loader = make_loaders(
         CIFAR10Dataset(data.train_images, data.train_labels, train_transforms(**augment)),
-        CIFAR10Dataset(data.test_images, data.test_labels, test_transforms()),
+        CIFAR10Dataset(data.test_images, data.test_labels, eval_transforms()),
         batch_size=config.batch_size,
         workers=workers,
         seed=config.seed,
@@ -221,13 +209,18 @@ def scoring_loader(
     images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int
 ) -> DataLoader:
     """An ordered, un-augmented loader over `images`, batched as `fit` scores them."""
-    return eval_loader(CIFAR10Dataset(images, labels, test_transforms()), batch_size, workers)
+    return eval_loader(CIFAR10Dataset(images, labels, eval_transforms()), batch_size, workers)
 
 
-# Folder names record how a run departs from TrainConfig's defaults as they were before commit
-# 3702c08 turned the moving average's warm-up on; pinned, so that a changed default neither
-# renames an earlier run's folder nor hands a new run an earlier run's folder.
-_FOLDER_NAME_BASE = TrainConfig(ema_warmup=False)
+# Folder names record how a run departs from this recipe: TrainConfig's defaults before the
+# moving average's warm-up was turned on, every field written out so that a changed default
+# neither renames an earlier run's folder nor hands a new run an earlier run's folder.
+_FOLDER_NAME_BASE = TrainConfig(
+    epochs=60, batch_size=256, max_lr=0.4, warmup_fraction=0.2, div_factor=10.0,
+    final_div_factor=100.0, anneal="linear", optimizer="sgd", momentum=0.9, nesterov=True,
+    weight_decay=5e-4, label_smoothing=0.1, ema_decay=0.998, ema_warmup=False, seed=0,
+    mixed_precision=True, log_every=20,
+)
 
 
 def _run_folder(
@@ -292,7 +285,7 @@ def cuda_epoch_seconds(
     seed_everything(0)
     train_loader, test_loader = make_loaders(
         CIFAR10Dataset(images, labels, train_transforms(**augment)),
-        CIFAR10Dataset(images[:config.batch_size], labels[:config.batch_size], test_transforms()),
+        CIFAR10Dataset(images[:config.batch_size], labels[:config.batch_size], eval_transforms()),
         batch_size=config.batch_size,
         workers=workers,
     )

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench import NETS, scoring_loader  # noqa: E402
 from dataset import load_splits  # noqa: E402
-from utils import TrainConfig, evaluate, get_device, load_weights, memory_format  # noqa: E402
+from utils import (  # noqa: E402
+    TrainConfig, checkpoint_data, evaluate, get_device, load_weights, memory_format
+)
 
 
 def score(
@@ -37,13 +39,12 @@ def score(
     workers: int = 2,
     device: torch.device | None = None,
     validation: int = 0,
-    split_seed: int = 0,
 ) -> dict:
     """Accuracies (percent) of the checkpoint's weights on the test and training images."""
-    data = load_splits(data_dir, validation=validation, split_seed=split_seed)
+    data = load_splits(data_dir, validation=validation)
     device = device or get_device()
     model = load_weights(NETS[net](), checkpoint).to(device, memory_format=memory_format(device))
-    trained_on = torch.load(checkpoint, map_location="cpu", weights_only=True).get("data", {})
+    trained_on = checkpoint_data(checkpoint)
     if trained_on.get("train_images", len(data.train_labels)) != len(data.train_labels):
         raise ValueError(
             f"{checkpoint} was trained on {trained_on['train_images']:,} images, but these splits "

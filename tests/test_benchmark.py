@@ -26,7 +26,7 @@ from benchmarks.variants import HighResolutionNet, ShallowSeparableNet, WideSepa
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters, receptive_field
 from transforms import normalize_images, train_transforms
-from transforms import test_transforms as eval_transforms  # a test_* name pytest would collect
+from transforms import eval_transforms
 from utils import History, TrainConfig, seed_everything
 
 STARTING_NET_MACS = 36_700_000

@@ -38,7 +38,7 @@ from dataset import (
     read_batch,
     synthetic_cifar10,
 )
-from transforms import test_transforms as eval_transforms
+from transforms import eval_transforms
 from transforms import train_transforms
 
 SAMPLE = os.environ.get("S9_DATA")
@@ -206,7 +206,7 @@ def test_dataset_applies_the_transform_and_returns_tensor_and_int(cifar_root: Pa
 def test_dataset_rejects_mismatched_lengths() -> None:
     images, labels = synthetic_cifar10(10)
     with pytest.raises(ValueError, match="10 images but 9 labels"):
-        CIFAR10Dataset(images, labels[:9])
+        CIFAR10Dataset(images, labels[:9], eval_transforms())
 
 
 def test_synthetic_data_is_balanced_repeatable_and_class_dependent() -> None:
@@ -810,11 +810,11 @@ def test_dataset_refuses_images_it_would_mistrain_on_and_says_how_to_convert(
     images, labels = synthetic_cifar10(4)
     wrong = convert(images)
     with pytest.raises(ValueError) as err:
-        CIFAR10Dataset(wrong, labels)
+        CIFAR10Dataset(wrong, labels, eval_transforms())
     assert given in str(err.value) and fix in str(err.value)
     fixed = eval(fix, {"np": np, "images": wrong})  # the suggested conversion, run as printed
     expected = np.repeat(images[..., :1], 3, axis=-1) if "repeat" in fix else images
-    np.testing.assert_array_equal(CIFAR10Dataset(fixed, labels).images, expected)
+    np.testing.assert_array_equal(CIFAR10Dataset(fixed, labels, eval_transforms()).images, expected)
 
 
 @pytest.mark.parametrize(
@@ -830,7 +830,7 @@ def test_dataset_refuses_labels_that_are_not_class_indices(
     labels: np.ndarray, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        CIFAR10Dataset(synthetic_cifar10(4)[0], labels)
+        CIFAR10Dataset(synthetic_cifar10(4)[0], labels, eval_transforms())
 
 
 def test_validation_split_is_stratified_disjoint_and_seeded() -> None:

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import utils
-from utils import NoGPUError, check_accelerator, drive_checkpoint_dir, estimate_epoch_seconds
+from utils import (
+    NoGPUError, TrainConfig, check_accelerator, drive_checkpoint_dir, estimate_epoch_seconds
+)
 
 CPU = torch.device("cpu")
 
@@ -25,7 +27,7 @@ def never_timed(*args: object) -> float:
 
 
 def one_second_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every training step in `estimate_epoch_seconds` last exactly one (fake) second."""
+    """Make every training step `train_step_seconds` times last exactly one (fake) second."""
     clock = iter(range(10_000))
     monkeypatch.setattr(utils.time, "perf_counter", lambda: float(next(clock)))
 
@@ -33,7 +35,9 @@ def one_second_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_colab_without_a_gpu_stops_and_names_the_menu_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(utils, "estimate_epoch_seconds", never_timed)  # it stops before timing
     with pytest.raises(NoGPUError) as error:
-        check_accelerator(CPU, tiny_net(), in_colab=True, allow_cpu=False, batch_size=8, epochs=60)
+        check_accelerator(
+            CPU, tiny_net(), TrainConfig(batch_size=8), in_colab=True, allow_cpu=False
+        )
     message = str(error.value)
     assert "no GPU" in message
     assert "Runtime → Change runtime type → Hardware accelerator: GPU" in message
@@ -46,7 +50,7 @@ def test_a_cpu_run_that_goes_on_reports_its_measured_cost(
 ) -> None:
     one_second_per_call(monkeypatch)
     message = check_accelerator(
-        CPU, tiny_net(), in_colab=in_colab, allow_cpu=True, batch_size=128, epochs=60
+        CPU, tiny_net(), TrainConfig(batch_size=128), in_colab=in_colab, allow_cpu=True
     )
     # 50,000 images at batch 128 are 391 steps of one second each: 391 s, so 60 epochs are 6.5 h.
     assert message.startswith("CPU: about 391 s per epoch of 50,000 images here")
@@ -56,8 +60,9 @@ def test_a_cpu_run_that_goes_on_reports_its_measured_cost(
 
 def test_a_cpu_outside_colab_goes_on_without_allow_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     one_second_per_call(monkeypatch)
+    config = TrainConfig(batch_size=100, epochs=2)
     message = check_accelerator(
-        CPU, tiny_net(), in_colab=False, allow_cpu=False, batch_size=100, epochs=2, images=1_000
+        CPU, tiny_net(), config, in_colab=False, allow_cpu=False, images=1_000
     )
     assert message.startswith("CPU: about 10 s per epoch of 1,000 images")
     assert "2 epochs take about 1 min" in message
@@ -69,7 +74,7 @@ def test_a_gpu_is_named_and_never_timed(monkeypatch: pytest.MonkeyPatch) -> None
     cuda = torch.device("cuda")
     for in_colab in (True, False):
         message = check_accelerator(
-            cuda, tiny_net(), in_colab=in_colab, allow_cpu=False, batch_size=8, epochs=60
+            cuda, tiny_net(), TrainConfig(batch_size=8), in_colab=in_colab, allow_cpu=False
         )
         assert message == "GPU: Tesla T4"
 
@@ -77,7 +82,7 @@ def test_a_gpu_is_named_and_never_timed(monkeypatch: pytest.MonkeyPatch) -> None
 def test_estimate_epoch_seconds_times_real_steps_on_a_copy() -> None:
     net = tiny_net()
     before = [p.detach().clone() for p in net.parameters()]
-    seconds = estimate_epoch_seconds(net, batch_size=4, images=40, device=CPU, steps=2)
+    seconds = estimate_epoch_seconds(net, TrainConfig(batch_size=4), images=40, device=CPU)
     assert 0 < seconds < 60
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())), "model untouched"
 
@@ -86,8 +91,25 @@ def test_estimate_epoch_seconds_scales_with_batches_per_epoch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     one_second_per_call(monkeypatch)
-    assert estimate_epoch_seconds(tiny_net(), batch_size=128, images=1_000, device=CPU) == 8.0
-    assert estimate_epoch_seconds(tiny_net(), batch_size=128, images=128, device=CPU) == 1.0
+    config = TrainConfig(batch_size=128)
+    assert estimate_epoch_seconds(tiny_net(), config, images=1_000, device=CPU) == 8.0
+    assert estimate_epoch_seconds(tiny_net(), config, images=128, device=CPU) == 1.0
+
+
+@pytest.mark.parametrize("mixed_precision", [True, False])
+def test_the_cost_is_timed_in_the_recipes_precision(
+    monkeypatch: pytest.MonkeyPatch, mixed_precision: bool
+) -> None:
+    timed = []
+
+    def step_seconds(*args: object, mixed_precision: bool) -> float:
+        timed.append(mixed_precision)
+        return 1.0
+
+    monkeypatch.setattr(utils, "train_step_seconds", step_seconds)
+    config = TrainConfig(batch_size=100, mixed_precision=mixed_precision)
+    check_accelerator(CPU, tiny_net(), config, in_colab=False, allow_cpu=False, images=1_000)
+    assert timed == [mixed_precision]
 
 
 def test_drive_checkpoint_dir_mounts_drive_in_colab(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from dataset import CIFAR10Dataset, eval_loader, make_loaders, synthetic_cifar10
 from model import Net
-from transforms import test_transforms as eval_transforms
+from transforms import eval_transforms
 from transforms import train_transforms
 import utils
 from utils import (

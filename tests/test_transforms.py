@@ -11,11 +11,9 @@ from transforms import (
     MEAN_PIXEL,
     denormalize,
     describe_transform,
+    eval_transforms,
     normalize_images,
     seed_transform,
-)
-from transforms import (
-    test_transforms as eval_transforms,  # imported under its own name pytest would collect it
     train_transforms,
 )
 
