@@ -39,6 +39,9 @@ from dataset import CLASSES, RefusedFileError, read_regular_file, seed_epoch
 from transforms import denormalize, describe_transform
 
 
+# -------------------------------------------------------------------- device and setup
+
+
 def get_device() -> torch.device:
     """The fastest device present: CUDA, then Apple MPS, then the CPU."""
     if torch.cuda.is_available():
@@ -155,6 +158,9 @@ def drive_checkpoint_dir(mount_point: str = "/content/drive") -> Path:
         ) from error
     drive.mount(mount_point)
     return Path(mount_point) / "MyDrive" / "s9-checkpoints"
+
+
+# -------------------------------------------------------------------------- the recipe
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,9 @@ def _is_finite(value: numbers.Real) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------- history
+
+
 @dataclass
 class History:
     """Per-epoch metrics of a run (accuracies in percent), plus the per-batch learning rate."""
@@ -374,6 +383,9 @@ class History:
     def load(cls, path: str | os.PathLike) -> History:
         """Read a history written by `save`."""
         return cls(**json.loads(Path(path).read_text()))
+
+
+# ------------------------------------------- errors, and one run per checkpoint folder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -708,6 +720,9 @@ def _new_folder(path: Path) -> Path:
             candidate = path.with_name(f"{path.name}-{suffix}")
 
 
+# ------------------------------------------------- optimizer, moving average, schedule
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum, or AdamW; weight decay on weights of rank > 1 only."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -773,6 +788,9 @@ def _make_scheduler(
         anneal_strategy=config.anneal,
         cycle_momentum=False,
     )
+
+
+# --------------------------------------------------- scoring, precision, memory format
 
 
 def evaluate(
@@ -879,6 +897,9 @@ def _to_device(
     """Move a batch to the device, in the device's preferred memory format."""
     images = images.to(device, non_blocking=True, memory_format=memory_format(device))
     return images, labels.to(device, non_blocking=True)
+
+
+# ----------------------------------- checkpoints: saving, and checking before a resume
 
 
 @dataclass
@@ -1434,6 +1455,9 @@ def _load_checkpoint(
     state.setups = setups
 
 
+# ---------------------------------------------------------------------------- training
+
+
 def _train_epoch(
     state: _TrainState,
     loader: DataLoader,
@@ -1793,7 +1817,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------- reporting
+# --------------------------------------------------------------------------- reporting
 
 
 def format_table(rows: Sequence[object]) -> str:
