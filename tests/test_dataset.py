@@ -172,26 +172,39 @@ def test_a_data_folder_that_is_a_file_is_named_with_the_fix(tmp_path: Path, fall
         load_splits(data, download=not fallback, synthetic_fallback=fallback)
 
 
+def assert_names_the_batch_and_the_fix(err: pytest.ExceptionInfo, batch: Path) -> None:
+    """A refused batch's message names the file and the fix that works: download=True alone
+    would read the same bad file again, so the folder must go first."""
+    message = str(err.value)
+    assert message.startswith(f"{batch}: ")
+    assert f"Delete {batch.parent} and download CIFAR-10 again" in message
+
+
 def test_data_of_the_wrong_shape_is_reported(tmp_path: Path) -> None:
     images, labels = synthetic_cifar10(4)
-    write_batch(tmp_path / BATCH_FOLDER / "data_batch_1", images, labels, data=np.zeros((4, 1024), np.uint8))
-    with pytest.raises(CIFAR10FormatError, match="3072"):
+    batch = tmp_path / BATCH_FOLDER / "data_batch_1"
+    write_batch(batch, images, labels, data=np.zeros((4, 1024), np.uint8))
+    with pytest.raises(CIFAR10FormatError, match="3072") as err:
         load_cifar10(tmp_path)
+    assert_names_the_batch_and_the_fix(err, batch)
 
 
 def test_labels_outside_0_to_9_are_reported(tmp_path: Path) -> None:
     images, _ = synthetic_cifar10(4)
-    write_batch(tmp_path / BATCH_FOLDER / "data_batch_1", images, [0, 1, 2, 57])
-    with pytest.raises(CIFAR10FormatError, match="0..9"):
+    batch = tmp_path / BATCH_FOLDER / "data_batch_1"
+    write_batch(batch, images, [0, 1, 2, 57])
+    with pytest.raises(CIFAR10FormatError, match=r"0\.\.9 \(is this CIFAR-100\?\)") as err:
         load_cifar10(tmp_path)
+    assert_names_the_batch_and_the_fix(err, batch)
 
 
 def test_a_batch_that_is_not_a_dict_is_reported(tmp_path: Path) -> None:
     folder = tmp_path / BATCH_FOLDER
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
-    with pytest.raises(CIFAR10FormatError, match="'data' and 'labels'"):
+    with pytest.raises(CIFAR10FormatError, match="a list, not a dict with 'data' and 'labels'") as err:
         load_cifar10(tmp_path)
+    assert_names_the_batch_and_the_fix(err, folder / "data_batch_1")
 
 
 def test_dataset_applies_the_transform_and_returns_tensor_and_int(cifar_root: Path) -> None:
