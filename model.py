@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 INPUT_SHAPE = (3, 32, 32)
 MAX_PARAMETERS = 200_000
@@ -156,7 +157,7 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d
 
 @dataclass(frozen=True)
 class _Layer:
-    """A conv or pooling layer as it ran: its module path, output side and geometry."""
+    """A conv or pooling layer as it ran: its module path, output side, geometry and field."""
 
     name: str
     module: nn.Module
@@ -164,6 +165,9 @@ class _Layer:
     kernel: int
     stride: int
     dilation: int
+    jump: int  # input pixels between neighbouring units of its output
+    receptive_field: int  # of one unit of its output
+    input_receptive_field: int  # of one unit of the map it reads
 
     @property
     def is_global_pool(self) -> bool:
@@ -187,27 +191,84 @@ def _geometry(module: nn.Module, input_size: int, output_size: int) -> tuple[int
     return first(module.kernel_size), first(module.stride), first(dilation)
 
 
+# Each tensor of the traced forward pass carries its (receptive field, jump) in this attribute.
+_FIELD = "_s9_receptive_field"
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or result, however nested in lists, tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
+
+
+class _FieldTracer(TorchFunctionMode):
+    """Carries each tensor's (receptive field, jump) through every torch op of a forward pass.
+
+    An op's result gets the widest field among its inputs: branches that are added, multiplied
+    or concatenated see the union of their fields, which for fields on the same centre is the
+    widest one, not their sum. Conv and pool modules set their own output's field (in
+    `_spatial_layers`' hooks); a functional conv or pool would be missed, so it is refused.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside_layer = 0  # > 0 while a hooked conv or pool module runs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = getattr(func, "__name__", "")
+        if not self.inside_layer and ("conv" in name or "pool" in name):
+            raise ValueError(
+                f"the receptive field is measured on conv and pool modules, but the forward "
+                f"pass calls {name} directly: use the nn.Module (nn.Conv2d, nn.AvgPool2d, ...)"
+            )
+        result = func(*args, **(kwargs or {}))
+        fields = [getattr(t, _FIELD) for t in _tensors((args, kwargs)) if hasattr(t, _FIELD)]
+        if fields:
+            for tensor in _tensors(result):
+                setattr(tensor, _FIELD, max(fields))
+        return result
+
+
 def _spatial_layers(model: nn.Module) -> list[_Layer]:
-    """Every conv and pooling layer, in the order the forward pass runs them.
+    """Every conv and pooling layer, in the order the forward pass runs them, with its field.
 
     Hooks record the order the layers actually run in, so nothing depends on how the
-    model's attributes happen to be declared.
+    model's attributes happen to be declared; `_FieldTracer` follows the tensors between
+    them, through shortcuts and parallel branches.
     """
     names = {module: name for name, module in model.named_modules()}
     seen: list[_Layer] = []
+    tracer = _FieldTracer()
+
+    def enter(module: nn.Module, inputs: tuple) -> None:
+        tracer.inside_layer += 1
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        tracer.inside_layer -= 1
         side_in, side_out = inputs[0].shape[-1], output.shape[-1]
-        seen.append(_Layer(names[module], module, side_out, *_geometry(module, side_in, side_out)))
+        kernel, stride, dilation = _geometry(module, side_in, side_out)
+        field_in, jump_in = getattr(inputs[0], _FIELD, (1, 1))
+        field, jump = field_in + (kernel - 1) * dilation * jump_in, jump_in * stride
+        setattr(output, _FIELD, (field, jump))
+        seen.append(_Layer(names[module], module, side_out, kernel, stride, dilation, jump, field, field_in))
 
     kinds = (nn.Conv2d, *_POOLS)
-    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, kinds)]
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_pre_hook(enter) for m in layers]
+    handles += [m.register_forward_hook(record) for m in layers]
     was_training = model.training
     try:
         model.eval()
         device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(1, *INPUT_SHAPE, device=device))
+        image = torch.zeros(1, *INPUT_SHAPE, device=device)
+        setattr(image, _FIELD, (1, 1))
+        with torch.no_grad(), tracer:
+            model(image)
     finally:
         model.train(was_training)
         for handle in handles:
@@ -216,41 +277,45 @@ def _spatial_layers(model: nn.Module) -> list[_Layer]:
 
 
 def receptive_field_table(model: nn.Module) -> list[LayerRF]:
-    """Per-layer receptive field, walking the layers' kernel, stride and dilation in order.
+    """Per-layer receptive field of each conv and pool, in the order they run.
 
-    r_out = r_in + (k - 1) * dilation * j_in;  j_out = j_in * stride.
-    The walk ends at global pooling (any pool with a 1x1 output, `AvgPool2d(8)` on an 8x8 map
-    as much as `AdaptiveAvgPool2d(1)`): the RF is that of the feature map it pools.
-    An identity shortcut leaves both unchanged, so the deepest path sets the RF. Every hooked
-    conv is walked as if in series, so a projection shortcut (a strided or k > 1 conv on the
-    skip path) would be counted as part of the main path: `Net` has none.
+    r_out = r_in + (k - 1) * dilation * j_in;  j_out = j_in * stride, where r_in and j_in are
+    those of the map the layer reads. Shortcuts and parallel branches are followed as the
+    tensors flow: where paths meet, the widest field wins (an identity shortcut changes
+    nothing; two branches count as the wider one, not the sum). The table ends at global
+    pooling (any pool with a 1x1 output, `AvgPool2d(8)` on an 8x8 map as much as
+    `AdaptiveAvgPool2d(1)`).
     """
     return _receptive_field_rows(_spatial_layers(model))
 
 
 def _receptive_field_rows(layers: list[_Layer]) -> list[LayerRF]:
-    """The receptive-field walk of `receptive_field_table` over layers in the order they run."""
+    """The rows of `receptive_field_table`: the layers before the first global pool."""
     rows: list[LayerRF] = []
-    rf, jump = 1, 1
     for layer in layers:
         if layer.is_global_pool:
             break
-        rf += (layer.kernel - 1) * layer.dilation * jump
-        jump *= layer.stride
         rows.append(
-            LayerRF(layer.name, layer.kernel, layer.stride, layer.dilation, layer.output_size, jump, rf)
+            LayerRF(layer.name, layer.kernel, layer.stride, layer.dilation, layer.output_size,
+                    layer.jump, layer.receptive_field)
         )
     return rows
 
 
 def receptive_field(model: nn.Module) -> int:
     """Receptive field (pixels) of one unit of the last feature map before global pooling."""
-    return _last_receptive_field(receptive_field_table(model))
+    return _feature_receptive_field(_spatial_layers(model))
 
 
-def _last_receptive_field(rows: list[LayerRF]) -> int:
-    """The receptive field at the end of a walk (1 px for a net without spatial layers)."""
-    return rows[-1].receptive_field if rows else 1
+def _feature_receptive_field(layers: list[_Layer]) -> int:
+    """The field of the map global pooling reads; without one, of the last layer's output.
+
+    1 px for a net without spatial layers.
+    """
+    pool = next((layer for layer in layers if layer.is_global_pool), None)
+    if pool is not None:
+        return pool.input_receptive_field
+    return layers[-1].receptive_field if layers else 1
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -315,7 +380,7 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
         isinstance(layer.module, nn.Conv2d) and layer.module.kernel_size == (1, 1) for layer in head
     )
     params = count_parameters(model)
-    rf = _last_receptive_field(_receptive_field_rows(layers))
+    rf = _feature_receptive_field(layers)
     outputs = _output_shape(model)
     return [
         BriefCheck("blocks C1 C2 C3 C4 + head", ", ".join(blocks), len(blocks) == 5),

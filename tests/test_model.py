@@ -65,6 +65,62 @@ def test_a_strided_adaptive_pool_in_the_body_fails_the_downsampling_rule() -> No
     assert "c3.0" in rows["downsampling only by 3x3 stride-2 convs"].measured
 
 
+class Branches(nn.Module):
+    """Parallel paths over one input, merged by `merge` ("add", "mul" or "cat")."""
+
+    def __init__(self, *paths: nn.Module, merge: str = "add") -> None:
+        super().__init__()
+        self.paths = nn.ModuleList(paths)
+        self.merge = merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [path(x) for path in self.paths]
+        if self.merge == "cat":
+            return torch.cat(outputs, dim=1)
+        result = outputs[0]
+        for output in outputs[1:]:
+            result = result + output if self.merge == "add" else result * output
+        return result
+
+
+@pytest.mark.parametrize("merge", ["add", "mul", "cat"])
+def test_parallel_branches_count_as_the_widest_not_the_sum(merge: str) -> None:
+    wide = nn.Sequential(conv(), conv(dilation=2))  # 7 px
+    narrow = nn.Sequential(conv(), conv())  # 5 px
+    channels = 9 if merge == "cat" else 3
+    stack = nn.Sequential(Branches(narrow, wide, nn.Identity(), merge=merge), conv(channels=channels))
+    assert receptive_field(stack) == 7 + 2
+    assert receptive_field(stack) == measured_field_of(stack)
+
+
+def test_a_strided_projection_shortcut_adds_nothing_to_the_main_path() -> None:
+    main = nn.Sequential(conv(stride=2), conv())  # 3 + 2 * 2 = 7 px, jump 2
+    shortcut = nn.Conv2d(3, 3, 1, stride=2)
+    stack = nn.Sequential(Branches(main, shortcut), conv())
+    assert receptive_field(stack) == 7 + 2 * 2
+    assert receptive_field(stack) == measured_field_of(stack)
+
+
+def test_a_branch_that_pools_then_convolves_counts_both() -> None:
+    pooled = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(3, 3, 7, padding=9, dilation=3))
+    stack = Branches(nn.Identity(), conv(), pooled, merge="cat")
+    assert receptive_field(stack) == 3 + 6 * 3
+    assert receptive_field(stack) == measured_field_of(stack)
+
+
+def test_a_functional_conv_is_refused_rather_than_missed() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3, 3, 3, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.conv2d(x, self.weight, padding=1)
+
+    with pytest.raises(ValueError, match=r"conv2d directly: use the nn.Module"):
+        receptive_field(nn.Sequential(conv(), Functional()))
+
+
 def test_net_receptive_field_exceeds_44_and_table_is_consistent() -> None:
     net = Net()
     table = receptive_field_table(net)
@@ -168,22 +224,27 @@ def test_model_summary_is_the_torchsummary_table() -> None:
     assert "Conv2d" in text and "AdaptiveAvgPool2d" in text
 
 
-def measured_receptive_field(net: nn.Module, side: int = 192) -> int:
-    """Rows of input pixels whose gradient reaches the centre unit of C4's output map.
+def measured_field_of(features: nn.Module, side: int = 192) -> int:
+    """Rows of input pixels whose gradient reaches the centre unit of `features`' output map.
 
     On a copy with every weight made positive and a positive input, every activation is
     positive, so no ReLU blocks a path: each pixel that can reach the unit does.
     """
-    net = copy.deepcopy(net).eval()
+    features = copy.deepcopy(features).eval()
     with torch.no_grad():
-        for parameter in net.parameters():
+        for parameter in features.parameters():
             parameter.abs_()
     image = torch.rand(1, 3, side, side, requires_grad=True)
-    features = net.c4(net.c3(net.c2(net.c1(image))))
-    centre = features.shape[-1] // 2
-    features[0, :, centre, centre].sum().backward()
+    output = features(image)
+    centre = output.shape[-1] // 2
+    output[0, :, centre, centre].sum().backward()
     rows = image.grad[0].abs().sum(dim=(0, 2)).nonzero().flatten()
     return int(rows.max() - rows.min() + 1)
+
+
+def measured_receptive_field(net: nn.Module, side: int = 192) -> int:
+    """`measured_field_of` the net's C1 to C4: the map its global pooling reads."""
+    return measured_field_of(nn.Sequential(net.c1, net.c2, net.c3, net.c4), side)
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
