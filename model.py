@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 INPUT_SHAPE = (3, 32, 32)
 MAX_PARAMETERS = 200_000
@@ -191,8 +193,11 @@ def _geometry(module: nn.Module, input_size: int, output_size: int) -> tuple[int
     return first(module.kernel_size), first(module.stride), first(dilation)
 
 
-# Each tensor of the traced forward pass carries its (receptive field, jump) in this attribute.
-_FIELD = "_s9_receptive_field"
+Field = tuple[int, int]  # (receptive field, jump) of one unit of a feature map, in input pixels
+
+# Python's in-place operators; torch's in-place methods are the names ending in one "_".
+_IN_PLACE_OPERATORS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+_FIELD_MODULES = "nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d"
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
@@ -206,36 +211,77 @@ def _tensors(value: object) -> list[torch.Tensor]:
     return []
 
 
+def _is_in_place(name: str) -> bool:
+    """Whether a torch op of this name writes into its first argument."""
+    return name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+
+
 class _FieldTracer(TorchFunctionMode):
-    """Carries each tensor's (receptive field, jump) through every torch op of a forward pass.
+    """Follows each tensor's field through every torch op of one forward pass.
 
     An op's result gets the widest field among its inputs: branches that are added, multiplied
-    or concatenated see the union of their fields, which for fields on the same centre is the
-    widest one, not their sum. Conv and pool modules set their own output's field (in
-    `_spatial_layers`' hooks); a functional conv or pool would be missed, so it is refused.
+    or concatenated see the union of their fields, which for fields on the same centre (the
+    'same' padding of every net here) is the widest one, not their sum. Conv and pool modules
+    set their own output's field (`_trace`'s hooks). What the tracer cannot see is refused
+    rather than missed: a conv or pool outside those modules, and any other op that changes a
+    map's size. Ops that mix pixels without either (attention, unfold) are not seen.
+    Fields live here, keyed weakly by tensor, so nothing is left on the model's tensors.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.fields = WeakIdKeyDictionary()
         self.inside_layer = 0  # > 0 while a hooked conv or pool module runs
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        name = getattr(func, "__name__", "")
+    def field(self, tensor: torch.Tensor) -> Field | None:
+        """The tensor's field, widened by its base's if it is a view written through it."""
+        known = [self.fields.get(t) for t in (tensor, tensor._base) if t is not None]
+        return max((f for f in known if f is not None), default=None)
+
+    def set_field(self, tensor: torch.Tensor, field: Field) -> None:
+        """Record a field for the tensor and, as they share memory, for the view's base."""
+        for target in (tensor, tensor._base):
+            if target is not None:
+                self.fields[target] = max(field, self.fields.get(target, field))
+
+    def __torch_function__(
+        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> object:
+        """Run the op, then give its results (and its target, if in place) their field."""
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", repr(func))
         if not self.inside_layer and ("conv" in name or "pool" in name):
             raise ValueError(
-                f"the receptive field is measured on conv and pool modules, but the forward "
-                f"pass calls {name} directly: use the nn.Module (nn.Conv2d, nn.AvgPool2d, ...)"
+                f"{name} runs outside the modules the receptive field is measured from "
+                f"({_FIELD_MODULES}): build that layer from one of them"
             )
-        result = func(*args, **(kwargs or {}))
-        fields = [getattr(t, _FIELD) for t in _tensors((args, kwargs)) if hasattr(t, _FIELD)]
-        if fields:
-            for tensor in _tensors(result):
-                setattr(tensor, _FIELD, max(fields))
+        result = func(*args, **kwargs)
+        inputs = [t for t in _tensors((args, kwargs)) if self.field(t) is not None]
+        if not inputs:
+            return result
+        outputs = _tensors(result) + (_tensors(args[0]) if _is_in_place(name) else [])
+        if not self.inside_layer:
+            _refuse_resizing(name, inputs, outputs)
+        field = max(self.field(t) for t in inputs)
+        for tensor in outputs:
+            self.set_field(tensor, field)
         return result
 
 
-def _spatial_layers(model: nn.Module) -> list[_Layer]:
-    """Every conv and pooling layer, in the order the forward pass runs them, with its field.
+def _refuse_resizing(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+    """Refuse an op outside a conv or pool module that gives a feature map a new size."""
+    sizes = {tuple(t.shape[-2:]) for t in inputs if t.ndim == 4}
+    for tensor in outputs:
+        if tensor.ndim == 4 and sizes and tuple(tensor.shape[-2:]) not in sizes:
+            raise ValueError(
+                f"{name} turns a {sorted(sizes)[0]} map into {tuple(tensor.shape[-2:])} outside "
+                f"the modules the receptive field is measured from ({_FIELD_MODULES}): "
+                "resize with one of them (a strided conv or a pool)"
+            )
+
+
+def _trace(model: nn.Module) -> tuple[list[_Layer], Field]:
+    """Every conv and pooling layer, in the order it runs, and the field of the model's output.
 
     Hooks record the order the layers actually run in, so nothing depends on how the
     model's attributes happen to be declared; `_FieldTracer` follows the tensors between
@@ -246,16 +292,19 @@ def _spatial_layers(model: nn.Module) -> list[_Layer]:
     tracer = _FieldTracer()
 
     def enter(module: nn.Module, inputs: tuple) -> None:
+        """Let the layer's own conv or pool op run."""
         tracer.inside_layer += 1
 
     def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        """Give the layer's output its field, from the map it read, and list the layer."""
         tracer.inside_layer -= 1
         side_in, side_out = inputs[0].shape[-1], output.shape[-1]
         kernel, stride, dilation = _geometry(module, side_in, side_out)
-        field_in, jump_in = getattr(inputs[0], _FIELD, (1, 1))
+        field_in, jump_in = tracer.field(inputs[0]) or (1, 1)
         field, jump = field_in + (kernel - 1) * dilation * jump_in, jump_in * stride
-        setattr(output, _FIELD, (field, jump))
-        seen.append(_Layer(names[module], module, side_out, kernel, stride, dilation, jump, field, field_in))
+        tracer.fields[output] = (field, jump)
+        name = names[module]
+        seen.append(_Layer(name, module, side_out, kernel, stride, dilation, jump, field, field_in))
 
     kinds = (nn.Conv2d, *_POOLS)
     layers = [m for m in model.modules() if isinstance(m, kinds)]
@@ -266,14 +315,14 @@ def _spatial_layers(model: nn.Module) -> list[_Layer]:
         model.eval()
         device = next(model.parameters()).device
         image = torch.zeros(1, *INPUT_SHAPE, device=device)
-        setattr(image, _FIELD, (1, 1))
+        tracer.fields[image] = (1, 1)
         with torch.no_grad(), tracer:
-            model(image)
+            output = model(image)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return seen
+    return seen, tracer.field(output) or (1, 1)
 
 
 def receptive_field_table(model: nn.Module) -> list[LayerRF]:
@@ -284,9 +333,10 @@ def receptive_field_table(model: nn.Module) -> list[LayerRF]:
     tensors flow: where paths meet, the widest field wins (an identity shortcut changes
     nothing; two branches count as the wider one, not the sum). The table ends at global
     pooling (any pool with a 1x1 output, `AvgPool2d(8)` on an 8x8 map as much as
-    `AdaptiveAvgPool2d(1)`).
+    `AdaptiveAvgPool2d(1)`). In a chain each row's field is the widest so far; in a net with
+    parallel branches a row is its own branch's, so use `receptive_field` for the net's.
     """
-    return _receptive_field_rows(_spatial_layers(model))
+    return _receptive_field_rows(_trace(model)[0])
 
 
 def _receptive_field_rows(layers: list[_Layer]) -> list[LayerRF]:
@@ -304,18 +354,13 @@ def _receptive_field_rows(layers: list[_Layer]) -> list[LayerRF]:
 
 def receptive_field(model: nn.Module) -> int:
     """Receptive field (pixels) of one unit of the last feature map before global pooling."""
-    return _feature_receptive_field(_spatial_layers(model))
+    return _feature_receptive_field(*_trace(model))
 
 
-def _feature_receptive_field(layers: list[_Layer]) -> int:
-    """The field of the map global pooling reads; without one, of the last layer's output.
-
-    1 px for a net without spatial layers.
-    """
+def _feature_receptive_field(layers: list[_Layer], output: Field) -> int:
+    """The field of the map global pooling reads; without global pooling, the output's."""
     pool = next((layer for layer in layers if layer.is_global_pool), None)
-    if pool is not None:
-        return pool.input_receptive_field
-    return layers[-1].receptive_field if layers else 1
+    return pool.input_receptive_field if pool is not None else output[0]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -363,7 +408,7 @@ def _output_shape(model: nn.Module) -> tuple[int, ...]:
 
 def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     """Every rule of the brief, measured on the live model."""
-    layers = _spatial_layers(model)
+    layers, output_field = _trace(model)
     gap = next((i for i, layer in enumerate(layers) if _is_global_average_pool(layer)), None)
     body, head = (layers[:gap], layers[gap + 1 :]) if gap is not None else (layers, [])
     convs = [layer for layer in body if isinstance(layer.module, nn.Conv2d)]
@@ -380,7 +425,7 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
         isinstance(layer.module, nn.Conv2d) and layer.module.kernel_size == (1, 1) for layer in head
     )
     params = count_parameters(model)
-    rf = _feature_receptive_field(layers)
+    rf = _feature_receptive_field(layers, output_field)
     outputs = _output_shape(model)
     return [
         BriefCheck("blocks C1 C2 C3 C4 + head", ", ".join(blocks), len(blocks) == 5),

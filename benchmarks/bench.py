@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.starting_net import StartingNet  # noqa: E402
 from benchmarks.variants import (  # noqa: E402
-    HighResolutionNet, ShallowSeparableNet, UnnormalisedWhitenedNet, WhitenedNet, WideSeparableNet,
+    HighResolutionNet, MixedKernelNet, ShallowSeparableNet, UnnormalisedWhitenedNet, WhitenedNet,
+    WideSeparableNet,
 )
 from dataset import (  # noqa: E402
     CIFAR10Dataset, Splits, default_workers, eval_loader, load_splits, make_loaders,
@@ -48,6 +49,7 @@ from utils import (  # noqa: E402
 
 NETS = {
     "Net": Net, "StartingNet": StartingNet, "HighResolutionNet": HighResolutionNet,
+    "MixedKernelNet": MixedKernelNet,
     "ShallowSeparableNet": ShallowSeparableNet, "WideSeparableNet": WideSeparableNet,
     "WhitenedNet": WhitenedNet, "UnnormalisedWhitenedNet": UnnormalisedWhitenedNet,
 }

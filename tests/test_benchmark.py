@@ -22,7 +22,10 @@ from benchmarks.bench import (
     loader_epoch_seconds, multiply_adds, seed_cell, table,
 )
 from benchmarks.score import score
-from benchmarks.variants import HighResolutionNet, ShallowSeparableNet, WideSeparableNet, patch_components
+from benchmarks.variants import (
+    HighResolutionNet, MixedKernelBlock, MixedKernelNet, ShallowSeparableNet, WideSeparableNet,
+    patch_components,
+)
 from dataset import BATCH_FOLDER, load_splits, synthetic_cifar10
 from model import Net, check_brief, count_parameters, receptive_field
 from transforms import normalize_images, train_transforms
@@ -109,6 +112,39 @@ def test_a_seed_draws_the_initial_weights_the_recorded_runs_drew(net: type, tota
     assert sum(p.double().abs().sum().item() for p in net().parameters()) == pytest.approx(
         total, rel=1e-12
     )
+
+
+def test_the_mixed_kernel_candidate_meets_the_brief_at_32x32_and_16x16_only() -> None:
+    net = MixedKernelNet()
+    rows = {row.rule: row for row in check_brief(net)}
+    assert all(row.passed for row in rows.values())
+    assert count_parameters(net) == 196_488
+    assert receptive_field(net) == 185  # 3, + 20 for each of three blocks, + 2, + 40 for each of three
+    assert "c1.1.depthwise" in rows["a depthwise-separable conv"].measured
+    assert net.c4(net.c3(net.c2(net.c1(torch.zeros(1, 3, 32, 32))))).shape[-1] == 16
+
+
+def test_a_mixed_kernel_block_keeps_its_shape_and_starts_as_its_input_plus_an_update() -> None:
+    block = MixedKernelBlock(8).eval()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        nn.init.zeros_(block.project.weight)
+        nn.init.zeros_(block.project.bias)
+        assert torch.equal(block(x), x)  # the shortcut's scale starts at 1
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        MixedKernelBlock(10)
+
+
+def test_the_mixed_kernel_gate_stays_finite_in_16_bit_floats() -> None:
+    # Large activations: tiniest's tanh(exp(a)) * a gate gives NaN gradients here (exp(a)
+    # overflows, and 0 * inf = NaN in the backward pass); Mish(a) does not.
+    torch.manual_seed(0)
+    block = MixedKernelBlock(8).eval()
+    x = (100 * torch.randn(2, 8, 8, 8)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
 
 
 def test_the_wider_candidate_meets_the_brief_and_is_wider_at_8x8() -> None:

@@ -1,6 +1,7 @@
 """The network meets the brief, and the brief checks catch a network that does not."""
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -117,8 +118,41 @@ def test_a_functional_conv_is_refused_rather_than_missed() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return nn.functional.conv2d(x, self.weight, padding=1)
 
-    with pytest.raises(ValueError, match=r"conv2d directly: use the nn.Module"):
+    with pytest.raises(ValueError, match=r"conv2d runs outside the modules .* build that layer"):
         receptive_field(nn.Sequential(conv(), Functional()))
+
+
+class Lambda(nn.Module):
+    """A forward pass written as a function of the input and the given submodules."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], *parts: nn.Module) -> None:
+        super().__init__()
+        self.function = forward
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x, *self.parts)
+
+
+def test_a_map_written_in_place_takes_the_field_written_into_it() -> None:
+    def overwrite(x: torch.Tensor, deep: nn.Module) -> torch.Tensor:
+        out = x.clone()
+        out[:, :1] = deep(x)[:, :1]
+        return out
+
+    stack = nn.Sequential(conv(), Lambda(overwrite, nn.Sequential(conv(), conv())), nn.Conv2d(3, 3, 1))
+    assert receptive_field(stack) == 7
+    assert receptive_field(stack) == measured_field_of(stack)
+
+
+def test_a_map_resized_outside_a_module_is_refused_rather_than_missed() -> None:
+    with pytest.raises(ValueError, match=r"turns a \(32, 32\) map into \(16, 16\) .*a strided conv"):
+        receptive_field(nn.Sequential(conv(), Lambda(lambda x: x[..., ::2, ::2]), conv()))
+
+
+def test_without_global_pooling_the_field_is_the_output_s_not_the_last_layer_s() -> None:
+    stack = Branches(nn.Sequential(conv(), conv(dilation=2)), conv())  # the narrow branch runs last
+    assert receptive_field(stack) == 7 == measured_field_of(stack)
 
 
 def test_net_receptive_field_exceeds_44_and_table_is_consistent() -> None:
@@ -224,25 +258,27 @@ def test_model_summary_is_the_torchsummary_table() -> None:
     assert "Conv2d" in text and "AdaptiveAvgPool2d" in text
 
 
-def measured_field_of(features: nn.Module, side: int = 192) -> int:
+def measured_field_of(features: nn.Module, side: int = 256) -> int:
     """Rows of input pixels whose gradient reaches the centre unit of `features`' output map.
 
     On a copy with every weight made positive and a positive input, every activation is
-    positive, so no ReLU blocks a path: each pixel that can reach the unit does.
+    positive, so no ReLU blocks a path: each pixel that can reach the unit does. In float64,
+    so that gated blocks, which multiply activations, do not overflow to inf and NaN.
     """
-    features = copy.deepcopy(features).eval()
+    features = copy.deepcopy(features).double().eval()
     with torch.no_grad():
         for parameter in features.parameters():
             parameter.abs_()
-    image = torch.rand(1, 3, side, side, requires_grad=True)
+    image = torch.rand(1, 3, side, side, dtype=torch.float64, requires_grad=True)
     output = features(image)
     centre = output.shape[-1] // 2
     output[0, :, centre, centre].sum().backward()
     rows = image.grad[0].abs().sum(dim=(0, 2)).nonzero().flatten()
+    assert 0 < rows.min() and rows.max() < side - 1, "the field reaches the border: raise `side`"
     return int(rows.max() - rows.min() + 1)
 
 
-def measured_receptive_field(net: nn.Module, side: int = 192) -> int:
+def measured_receptive_field(net: nn.Module, side: int = 256) -> int:
     """`measured_field_of` the net's C1 to C4: the map its global pooling reads."""
     return measured_field_of(nn.Sequential(net.c1, net.c2, net.c3, net.c4), side)
 
