@@ -197,7 +197,9 @@ Field = tuple[int, int]  # (receptive field, jump) of one unit of a feature map,
 
 # Python's in-place operators; torch's in-place methods are the names ending in one "_".
 _IN_PLACE_OPERATORS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
-_FIELD_MODULES = "nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d"
+# The layers whose geometry the receptive field is measured from; every other op only passes it on.
+_FIELD_LAYERS = (nn.Conv2d, *_POOLS)
+_FIELD_MODULES = ", ".join(f"nn.{kind.__name__}" for kind in _FIELD_LAYERS)
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
@@ -306,8 +308,7 @@ def _trace(model: nn.Module) -> tuple[list[_Layer], Field]:
         name = names[module]
         seen.append(_Layer(name, module, side_out, kernel, stride, dilation, jump, field, field_in))
 
-    kinds = (nn.Conv2d, *_POOLS)
-    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    layers = [m for m in model.modules() if isinstance(m, _FIELD_LAYERS)]
     handles = [m.register_forward_pre_hook(enter) for m in layers]
     handles += [m.register_forward_hook(record) for m in layers]
     was_training = model.training
