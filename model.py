@@ -25,7 +25,7 @@ MIN_RECEPTIVE_FIELD = 45  # the brief says "> 44"
 
 # Channel widths of C1..C4. Params grow with width^2 but multiply-adds with width^2 * area:
 # a channel at 32x32 costs 16x the multiply-adds of one at 8x8, so the 8x8 stages take the width.
-WIDTHS = (32, 64, 128, 128)  # C4's residual adds its input to its output: C4 keeps C3's width
+WIDTHS = (32, 64, 128)  # C1, C2, C3; C4's residual adds its input to its output, so it keeps C3's
 
 
 class ConvBNReLU(nn.Sequential):
@@ -108,7 +108,7 @@ class Net(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        w1, w2, w3, w4 = WIDTHS
+        w1, w2, w3 = WIDTHS
         self.c1 = nn.Sequential(
             ConvBNReLU(3, w1),
             Residual(ConvBNReLU(w1, w1)),
@@ -122,11 +122,11 @@ class Net(nn.Module):
             Residual(SeparableConvBNReLU(w3, w3), SeparableConvBNReLU(w3, w3)),
         )
         self.c4 = nn.Sequential(
-            Residual(SeparableConvBNReLU(w3, w4, dilation=2), SeparableConvBNReLU(w4, w4)),
+            Residual(SeparableConvBNReLU(w3, w3, dilation=2), SeparableConvBNReLU(w3, w3)),
         )
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(w4, num_classes, 1),
+            nn.Conv2d(w3, num_classes, 1),
             nn.Flatten(),
         )
 
@@ -407,11 +407,25 @@ def _output_shape(model: nn.Module) -> tuple[int, ...]:
         model.train(was_training)
 
 
+def _weighted_layers_after(model: nn.Module, pool: nn.Module) -> list[nn.Module]:
+    """The layers with weights that run after `pool`, in the order they run."""
+    ran: list[nn.Module] = []
+    leaves = [m for m in model.modules() if not any(m.children())]
+    handles = [m.register_forward_hook(lambda m, args, out: ran.append(m)) for m in leaves]
+    try:
+        _output_shape(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    after = ran[ran.index(pool) + 1 :] if pool in ran else []
+    return [m for m in after if next(m.parameters(), None) is not None]
+
+
 def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     """Every rule of the brief, measured on the live model."""
     layers, output_field = _trace(model)
     gap = next((i for i, layer in enumerate(layers) if _is_global_average_pool(layer)), None)
-    body, head = (layers[:gap], layers[gap + 1 :]) if gap is not None else (layers, [])
+    body = layers[:gap] if gap is not None else layers
     convs = [layer for layer in body if isinstance(layer.module, nn.Conv2d)]
     blocks = [name for name in ("c1", "c2", "c3", "c4", "head") if hasattr(model, name)]
     maxpools = [n for n, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))]
@@ -422,10 +436,12 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     ]
     dilated = [layer.name for layer in convs if layer.dilation > 1]
     separable = _separable_pairs(body)
-    head_is_1x1 = gap is not None and all(
-        isinstance(layer.module, nn.Conv2d) and layer.module.kernel_size == (1, 1) for layer in head
+    head = _weighted_layers_after(model, layers[gap].module) if gap is not None else []
+    head_is_1x1 = bool(head) and all(
+        isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
+        for m in head
     )
-    params = count_parameters(model)
+    params = sum(p.numel() for p in model.parameters())  # frozen weights count too
     rf = _feature_receptive_field(layers, output_field)
     outputs = _output_shape(model)
     return [
@@ -443,11 +459,19 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
         BriefCheck("a depthwise-separable conv", ", ".join(separable) or "none", bool(separable)),
         BriefCheck(
             "global average pooling, then 1x1 conv/FC",
-            f"{layers[gap].name} -> 1x1" if gap is not None else "no global average pooling",
+            (f"{layers[gap].name} -> " + (", ".join(_describe_head(m) for m in head) or "nothing"))
+            if gap is not None else "no global average pooling",
             head_is_1x1,
         ),
         BriefCheck(f"{num_classes} outputs (logits)", f"shape {outputs}", outputs == (2, num_classes)),
     ]
+
+
+def _describe_head(module: nn.Module) -> str:
+    """What a layer after global pooling is, as the brief's head rule reads it."""
+    if isinstance(module, nn.Conv2d):
+        return "x".join(map(str, module.kernel_size))
+    return "FC" if isinstance(module, nn.Linear) else type(module).__name__
 
 
 def model_summary(model: nn.Module) -> str:

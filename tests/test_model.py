@@ -176,8 +176,10 @@ def test_net_is_small_and_returns_logits() -> None:
     assert count_parameters(net) < MAX_PARAMETERS
     out = net(torch.randn(4, 3, 32, 32))
     assert out.shape == (4, 10)
-    # Logits, not log-probabilities: they do not exponentiate to a distribution.
+    # Logits, not log-probabilities or probabilities: neither they nor their exponentials
+    # sum to one.
     assert not torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-3)
+    assert not torch.allclose(out.sum(1), torch.ones(4), atol=1e-3)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 28, 28), (3, 32, 32)])
@@ -186,7 +188,7 @@ def test_net_rejects_wrong_input_shapes_with_the_expected_shape(shape: tuple) ->
         Net()(torch.randn(*shape))
 
 
-class BrokenNet(nn.Module):
+class BriefNet(nn.Module):
     """A net that satisfies the brief until one part of it is swapped out."""
 
     def __init__(self, **parts: nn.Module) -> None:
@@ -212,8 +214,8 @@ def failed_rules(net: nn.Module) -> set[str]:
     return {row.rule for row in check_brief(net) if not row.passed}
 
 
-def test_the_reference_broken_net_passes() -> None:
-    assert failed_rules(BrokenNet()) == set()
+def test_the_reference_brief_net_passes() -> None:
+    assert failed_rules(BriefNet()) == set()
 
 
 @pytest.mark.parametrize(
@@ -225,20 +227,39 @@ def test_the_reference_broken_net_passes() -> None:
         ({"c3": nn.Sequential(conv(channels=16)), "c4": SeparableConvBNReLU(16, 16)}, "a dilated conv"),
         ({"c4": nn.Sequential(conv(dilation=4, channels=16))}, "a depthwise-separable conv"),
         ({"head": nn.Sequential(nn.Flatten(), nn.LazyLinear(10))}, "global average pooling, then 1x1 conv/FC"),
+        # classes scored before the pool, nothing after it
+        ({"head": nn.Sequential(nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())}, "global average pooling, then 1x1 conv/FC"),
+        ({"head": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 10, 3, padding=1), nn.Flatten())}, "global average pooling, then 1x1 conv/FC"),
         ({"head": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 7, 1), nn.Flatten())}, "10 outputs (logits)"),
         ({"c3": nn.Sequential(nn.Conv2d(16, 16, 1))}, "receptive field > 44"),
         ({"c3": nn.Sequential(nn.Conv2d(16, 16, 3, padding=8, dilation=8), nn.Conv2d(16, 2048, 1), nn.Conv2d(2048, 16, 3, padding=1))}, "parameters < 200,000"),
     ],
 )
 def test_brief_check_fails_a_net_that_breaks_one_rule(parts: dict, rule: str) -> None:
-    assert rule in failed_rules(BrokenNet(**parts))
+    assert rule in failed_rules(BriefNet(**parts))
+
+
+def test_brief_check_takes_a_fully_connected_layer_after_the_pool() -> None:
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    rows = {row.rule: row for row in check_brief(BriefNet(head=head))}
+    assert all(row.passed for row in rows.values())
+    assert rows["global average pooling, then 1x1 conv/FC"].measured == "head.0 -> FC"
+
+
+def test_brief_check_counts_frozen_weights_in_the_budget() -> None:
+    frozen = nn.Conv2d(16, 16, 3, padding=8, dilation=8)
+    big = nn.Conv2d(16, 4096, 1)  # 69,632 weights
+    more = nn.Conv2d(4096, 16, 3, padding=1)  # 589,840
+    net = BriefNet(c3=nn.Sequential(frozen, big, more)).requires_grad_(False)
+    assert count_parameters(net) == 0
+    assert "parameters < 200,000" in failed_rules(net)
 
 
 def test_brief_check_needs_all_four_blocks_and_head() -> None:
     class NoBlocks(nn.Sequential):
         pass
 
-    net = NoBlocks(BrokenNet().c1, BrokenNet().c2, BrokenNet().c3, BrokenNet().c4, BrokenNet().head)
+    net = NoBlocks(BriefNet().c1, BriefNet().c2, BriefNet().c3, BriefNet().c4, BriefNet().head)
     assert "blocks C1 C2 C3 C4 + head" in failed_rules(net)
 
 
