@@ -111,7 +111,8 @@ def estimate_epoch_seconds(
     step = train_step_seconds(
         model, config.batch_size, device, mixed_precision=config.mixed_precision
     )
-    return step * math.ceil(images / config.batch_size)
+    # The train loader drops a partial last batch (make_loaders), so whole batches only.
+    return step * max(1, images // config.batch_size)
 
 
 def check_accelerator(
@@ -194,8 +195,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     # > 0: also score an exponential moving average of the weights after every epoch (decay per
     # batch; 0.998 averages over ~500 batches). A measurement: training and best.pt are unchanged.
-    # It leads the model for most of a run: 85% on validation 16 to 25 epochs sooner in the five
-    # 60-epoch runs that scored it (benchmarks/README.md).
+    # It leads the model for most of a run: 85% on validation 16 to 25 epochs sooner in the six
+    # 60-epoch validation runs that scored it, four with a constant decay (benchmarks/README.md).
     ema_decay: float = 0.998
     # True: the decay starts low and rises, min(ema_decay, (1 + t) / (10 + t)) at update t, so
     # the average forgets the untrained net within its first epoch instead of carrying it for
@@ -421,7 +422,9 @@ _TORCH_WRITE_FAILED = "PytorchStreamWriter failed"
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file and rename, so a crash never leaves half a file.
 
-    A failed write (a full disk, say) raises an OSError that names the file and the fix.
+    The file reaches the disk before the rename, and the rename before this returns, so a
+    power cut leaves the old file or the new one, never an empty one. A failed write (a full
+    disk, say) raises an OSError that names the file and the fix.
     """
     tmp = None
     try:
@@ -429,7 +432,10 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -440,6 +446,17 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             f"could not write {path} ({reason}); the files written before are untouched. {fix}, "
             "or pass another checkpoint_dir; then run again with resume=True."
         ) from err
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to the disk; Windows cannot open a folder, nor needs to."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_failure(err: BaseException) -> tuple[str | None, str]:
@@ -1590,7 +1607,7 @@ def _run_epoch(
     if state.ema is not None:
         _score_average(state.ema, history, scored, device, config.mixed_precision)
     if progress:
-        tqdm.write(_summary(history, config.epochs))
+        tqdm.write(_epoch_line(history, config.epochs))
 
 
 def _score_average(
@@ -1780,7 +1797,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def _summary(history: History, epochs: int) -> str:
+def _epoch_line(history: History, epochs: int) -> str:
     """One line per epoch: losses, accuracies, learning rate, time."""
     i = history.epochs - 1
     parts = [

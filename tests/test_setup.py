@@ -52,8 +52,9 @@ def test_a_cpu_run_that_goes_on_reports_its_measured_cost(
     message = check_accelerator(
         CPU, tiny_net(), TrainConfig(batch_size=128), in_colab=in_colab, allow_cpu=True
     )
-    # 50,000 images at batch 128 are 391 steps of one second each: 391 s, so 60 epochs are 6.5 h.
-    assert message.startswith("CPU: about 391 s per epoch of 50,000 images here")
+    # 50,000 images at batch 128 are 390 whole batches (the partial last one is dropped) of
+    # one second each: 390 s, so 60 epochs are 6.5 h.
+    assert message.startswith("CPU: about 390 s per epoch of 50,000 images here")
     assert "60 epochs take about 6.5 h" in message
     assert "S9_SMOKE=1" in message
 
@@ -92,7 +93,8 @@ def test_estimate_epoch_seconds_scales_with_batches_per_epoch(
 ) -> None:
     one_second_per_call(monkeypatch)
     config = TrainConfig(batch_size=128)
-    assert estimate_epoch_seconds(tiny_net(), config, images=1_000, device=CPU) == 8.0
+    # 1,000 images make 7 whole batches of 128: the train loader drops the partial last one.
+    assert estimate_epoch_seconds(tiny_net(), config, images=1_000, device=CPU) == 7.0
     assert estimate_epoch_seconds(tiny_net(), config, images=128, device=CPU) == 1.0
 
 
