@@ -14,12 +14,14 @@ which the output says. CUDA timings run only where a GPU is present.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -41,10 +43,11 @@ from benchmarks.variants import (  # noqa: E402
 from dataset import (  # noqa: E402
     CIFAR10Dataset, Splits, default_workers, eval_loader, load_splits, make_loaders,
 )
-from model import Net, count_parameters  # noqa: E402
+from model import INPUT_SHAPE, Net, count_parameters  # noqa: E402
 from transforms import eval_transforms, seed_transform, train_transforms  # noqa: E402
 from utils import (  # noqa: E402
-    TrainConfig, evaluate, fit, get_device, half_dtype, seed_everything, train_step_seconds,
+    TrainConfig, autocast, evaluate, fit, get_device, half_dtype, memory_format, seed_everything,
+    train_step_seconds,
 )
 
 NETS = {
@@ -84,6 +87,68 @@ def cpu_train_throughput(
     seed_everything(0)
     cpu = torch.device("cpu")
     return batch_size / train_step_seconds(model, batch_size, cpu, steps, warmup, mixed_precision)
+
+
+def layer_milliseconds(
+    model: nn.Module, batch_size: int, steps: int, mixed_precision: bool = True
+) -> list[dict]:
+    """Milliseconds of forward and backward for each layer of `model`, timed alone on the CPU.
+
+    Each leaf module runs on a random input laid out in memory as the one it reads in the
+    model (its shape and strides: a channel slice of a channels-last map is not itself
+    channels-last, and conv kernels differ by layout), in the precision `fit` trains with;
+    the gradient of its input is computed except where it reads the images. Each gets the
+    median of `steps` timed runs. Timed alone a layer misses what runs between layers
+    (shortcut additions, concatenations, functional activations, the loss, the optimizer)
+    and reads its input from cold memory, so the sum is a guide to the step's time, not a
+    part of it.
+    """
+    cpu = torch.device("cpu")
+    model = copy.deepcopy(model).to(cpu, memory_format=memory_format(cpu)).train()
+    images = torch.randn(batch_size, *INPUT_SHAPE).contiguous(memory_format=memory_format(cpu))
+    layouts: dict[nn.Module, tuple] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        storage = x.untyped_storage().nbytes() // x.element_size()
+        layouts.setdefault(module, (x.shape, x.stride(), x.storage_offset(), storage,
+                                    x is not images))
+
+    leaves = [(n, m) for n, m in model.named_modules() if not any(m.children())]
+    handles = [m.register_forward_pre_hook(record) for _, m in leaves]
+    with torch.no_grad(), autocast(cpu, mixed_precision):
+        model(images)
+    for handle in handles:
+        handle.remove()
+    rows = []
+    for name, module in leaves:
+        shape, stride, offset, storage, needs_grad = layouts[module]
+        source = torch.randn(storage).as_strided(shape, stride, offset)
+        timings = []
+        for _ in range(1 + max(steps, 5)):  # the first run allocates, picks kernels: not counted
+            x = source.detach().requires_grad_(needs_grad)
+            if getattr(module, "inplace", False):
+                x = x.clone()  # an in-place layer may not write a leaf; its input is dense
+            start = time.perf_counter()
+            with autocast(cpu, mixed_precision):
+                y = module(x)
+            y.backward(torch.ones_like(y))
+            timings.append(time.perf_counter() - start)
+        rows.append({"layer": name, "module": _describe(module), "input": list(shape[1:]),
+                     "ms": round(1e3 * statistics.median(timings[1:]), 1)})
+    return rows
+
+
+def _describe(module: nn.Module) -> str:
+    """A layer's class and, for a conv, what sets its cost (channels, kernel, dilation, groups)."""
+    if not isinstance(module, nn.Conv2d):
+        return type(module).__name__
+    text = f"Conv2d {module.in_channels}->{module.out_channels} {module.kernel_size[0]}x{module.kernel_size[1]}"
+    for label, value, plain in (("stride", module.stride[0], 1), ("dilation", module.dilation[0], 1),
+                                ("groups", module.groups, 1)):
+        if value != plain:
+            text += f" {label} {value}"
+    return text
 
 
 def augmentation_throughput(images: np.ndarray, count: int) -> float:
@@ -333,6 +398,8 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="progress bars and a line per epoch")
     parser.add_argument("--checkpoint-dir", type=Path,
                         help="checkpoint every epoch under this folder, and resume from it")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time each layer of each net alone on the CPU (where a step's time goes)")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
     args = parser.parse_args()
 
@@ -385,6 +452,10 @@ def main() -> None:
                 cpu_train_throughput(model, batch_size, steps, mixed_precision=mixed_precision)
             ),
         }
+        if args.layers:
+            entry = result["nets"][name]
+            entry["cpu_train_step_ms"] = round(1e3 * batch_size / entry["cpu_train_images_per_s"], 1)
+            entry["cpu_layer_ms"] = layer_milliseconds(model, batch_size, steps, mixed_precision)
     result["augmentation_images_per_s_one_worker"] = round(
         augmentation_throughput(data.train_images, aug_count)
     )
@@ -492,6 +563,9 @@ def table(result: dict) -> str:
             f"{' and '.join(map(str, result['loader_epoch_seconds']))} s per training epoch "
             "(the training images repeated or cut to 50,000)"
         )
+    for name, entry in nets.items():
+        if "cpu_layer_ms" in entry:
+            lines += layer_lines(name, entry)
     if isinstance(result["cuda"], list):
         for run in result["cuda"]:
             precision = "mixed precision" if run["mixed_precision"] else "float32"
@@ -503,6 +577,19 @@ def table(result: dict) -> str:
     else:
         lines.append(f"CUDA: {result['cuda']}")
     return "\n".join(lines)
+
+
+def layer_lines(name: str, entry: dict, shown: int = 8) -> list[str]:
+    """The slowest layers of one net's CPU training step, each against the whole step."""
+    step = entry["cpu_train_step_ms"]
+    layers = sorted(entry["cpu_layer_ms"], key=lambda row: row["ms"], reverse=True)
+    lines = [f"{name}'s layers, each timed alone on the CPU (forward and backward), against its "
+             f"{step:,.0f} ms training step:"]
+    lines += [f"  {row['ms']:8,.1f} ms {row['ms'] / step:6.1%}  {row['layer']}: {row['module']} "
+              f"on {'x'.join(map(str, row['input']))}" for row in layers[:shown]]
+    rest = sum(row["ms"] for row in layers[shown:])
+    lines.append(f"  {rest:8,.1f} ms {rest / step:6.1%}  the other {len(layers) - shown} layers")
+    return lines
 
 
 if __name__ == "__main__":

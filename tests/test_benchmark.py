@@ -19,7 +19,7 @@ import utils
 from benchmarks.starting_net import StartingNet
 from benchmarks.bench import (
     _overrides, _run_folder, accuracy_run, build_net, chosen_nets, cuda_epoch_seconds,
-    loader_epoch_seconds, multiply_adds, seed_cell, table,
+    layer_lines, layer_milliseconds, loader_epoch_seconds, multiply_adds, seed_cell, table,
 )
 from benchmarks.score import score
 from benchmarks.variants import (
@@ -207,6 +207,30 @@ def test_a_benchmark_run_whitens_with_its_training_images_only(monkeypatch) -> N
     with pytest.raises(Built):
         accuracy_run("WhitenedNet", data, TrainConfig(epochs=1), {}, 0, torch.device("cpu"))
     assert given[0] is data.train_images and len(data.val_labels) == 16
+
+
+def test_each_layer_is_timed_on_the_input_it_reads_in_the_net() -> None:
+    net = Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rows = {row["layer"]: row for row in layer_milliseconds(net, batch_size=4, steps=1)}
+    leaves = [name for name, m in net.named_modules() if not any(m.children())]
+    assert list(rows) == leaves
+    assert all(row["ms"] > 0 for row in rows.values())
+    assert rows["c1.0.0"]["input"] == [3, 32, 32]
+    assert rows["c4.0.body.0.0"] == {**rows["c4.0.body.0.0"], "input": [128, 8, 8],
+                                    "module": "Conv2d 128->128 3x3 dilation 2 groups 128"}
+    assert rows["c1.2.0"]["module"] == "Conv2d 32->64 3x3 stride 2"
+    assert rows["head.0"]["input"] == [128, 8, 8] and rows["head.1"]["input"] == [128, 1, 1]
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), "a copy is timed"
+
+
+def test_the_layer_lines_rank_the_slowest_against_the_step() -> None:
+    layers = [{"layer": f"l{i}", "module": "ReLU", "input": [8, 4, 4], "ms": float(i)}
+              for i in range(1, 11)]
+    lines = layer_lines("Tiny", {"cpu_train_step_ms": 100.0, "cpu_layer_ms": layers}, shown=2)
+    assert lines[1].split() == ["10.0", "ms", "10.0%", "l10:", "ReLU", "on", "8x4x4"]
+    assert lines[2].split()[:4] == ["9.0", "ms", "9.0%", "l9:"]
+    assert lines[3].split()[:3] == ["36.0", "ms", "36.0%"] and "the other 8 layers" in lines[3]
 
 
 def test_quick_mode_times_net_unless_other_nets_are_named() -> None:
