@@ -370,8 +370,8 @@ def cuda_epoch_seconds(
     }
 
 
-def main() -> None:
-    """Run the benchmark and print the table and the JSON object."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line: what to run, on what data, with which recipe."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -401,20 +401,47 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true",
                         help="also time each layer of each net alone on the CPU (where a step's time goes)")
     parser.add_argument("--json", type=Path, help="also write the JSON object here")
-    args = parser.parse_args()
+    return parser
 
-    workers = default_workers(args.workers)
-    steps, aug_count, epochs = (3, 500, 2) if args.quick else (20, 5000, args.epochs)
-    limits = (512, 256) if args.quick else None
-    # A folder that was named but holds no CIFAR-10 is an error, not a run on synthetic images.
+
+def _load_data(folder: str | None, limits: tuple[int, int] | None, validation: int,
+               no_test: bool) -> Splits:
+    """The run's splits; a folder that was named but holds no CIFAR-10 stops the run."""
     try:
-        data = load_splits(args.data, limit=limits, synthetic_fallback=args.data is None,
-                           validation=args.validation)
+        data = load_splits(folder, limit=limits, synthetic_fallback=folder is None,
+                           validation=validation)
     except FileNotFoundError as error:
         raise SystemExit(f"{error}\nbench.py: give --data (or S9_DATA) a folder holding "
                          "cifar-10-batches-py/, or neither of them for synthetic images.")
-    if args.no_test:
+    if no_test:
         data.test_images, data.test_labels = data.test_images[:0], data.test_labels[:0]
+    return data
+
+
+def net_costs(
+    model: nn.Module, batch_size: int, steps: int, mixed_precision: bool, layers: bool = False
+) -> dict:
+    """Parameters, multiply-adds and CPU training speed of a net; per layer too if `layers`."""
+    costs = {
+        "parameters": count_parameters(model),
+        "multiply_adds": multiply_adds(model),
+        "cpu_train_images_per_s": round(
+            cpu_train_throughput(model, batch_size, steps, mixed_precision=mixed_precision)
+        ),
+    }
+    if layers:
+        costs["cpu_train_step_ms"] = round(1e3 * batch_size / costs["cpu_train_images_per_s"], 1)
+        costs["cpu_layer_ms"] = layer_milliseconds(model, batch_size, steps, mixed_precision)
+    return costs
+
+
+def main() -> None:
+    """Run the benchmark and print the table and the JSON object."""
+    args = _parser().parse_args()
+    workers = default_workers(args.workers)
+    steps, aug_count, epochs = (3, 500, 2) if args.quick else (20, 5000, args.epochs)
+    limits = (512, 256) if args.quick else None
+    data = _load_data(args.data, limits, args.validation, args.no_test)
     defaults = TrainConfig()
     # epochs and seed have their own options (--epochs, --seeds), so they are not recipe fields
     fields = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)
@@ -444,18 +471,8 @@ def main() -> None:
         "nets": {},
     }
     for name in nets:
-        model = build_net(name, data.train_images)
-        result["nets"][name] = {
-            "parameters": count_parameters(model),
-            "multiply_adds": multiply_adds(model),
-            "cpu_train_images_per_s": round(
-                cpu_train_throughput(model, batch_size, steps, mixed_precision=mixed_precision)
-            ),
-        }
-        if args.layers:
-            entry = result["nets"][name]
-            entry["cpu_train_step_ms"] = round(1e3 * batch_size / entry["cpu_train_images_per_s"], 1)
-            entry["cpu_layer_ms"] = layer_milliseconds(model, batch_size, steps, mixed_precision)
+        result["nets"][name] = net_costs(build_net(name, data.train_images), batch_size, steps,
+                                         mixed_precision, args.layers)
     result["augmentation_images_per_s_one_worker"] = round(
         augmentation_throughput(data.train_images, aug_count)
     )
