@@ -410,8 +410,12 @@ def _output_shape(model: nn.Module) -> tuple[int, ...]:
 def _weighted_layers_after(model: nn.Module, pool: nn.Module) -> list[nn.Module]:
     """The layers with weights that run after `pool`, in the order they run."""
     ran: list[nn.Module] = []
+
+    def record(module: nn.Module, args: tuple, output: object) -> None:
+        ran.append(module)
+
     leaves = [m for m in model.modules() if not any(m.children())]
-    handles = [m.register_forward_hook(lambda m, args, out: ran.append(m)) for m in leaves]
+    handles = [m.register_forward_hook(record) for m in leaves]
     try:
         _output_shape(model)
     finally:

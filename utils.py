@@ -422,9 +422,9 @@ _TORCH_WRITE_FAILED = "PytorchStreamWriter failed"
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file and rename, so a crash never leaves half a file.
 
-    The file reaches the disk before the rename, and the rename before this returns, so a
-    power cut leaves the old file or the new one, never an empty one. A failed write (a full
-    disk, say) raises an OSError that names the file and the fix.
+    Where the file system can sync, the file reaches the disk before the rename and the rename
+    before this returns, so a power cut leaves the old file or the new one, never an empty one.
+    A failed write (a full disk, say) raises an OSError that names the file and the fix.
     """
     tmp = None
     try:
@@ -433,7 +433,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            _sync(f.fileno())
         os.replace(tmp, path)
         _sync_folder(path.parent)
     except BaseException as err:
@@ -448,13 +448,29 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         ) from err
 
 
-def _sync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename) to the disk; Windows cannot open a folder, nor needs to."""
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
+def _sync(fd: int) -> None:
+    """Flush an open file to the disk; a file system that cannot sync (EINVAL) is let be."""
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to the disk, where the system lets a folder be opened.
+
+    Best effort: the file is already written, so a folder that cannot be opened or synced
+    (Windows, some network and FUSE mounts) costs only the rename's durability.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        _sync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

@@ -1575,6 +1575,17 @@ def test_a_saved_file_reaches_the_disk_before_it_replaces_the_old_one(
     assert events == ["sync", "rename", "sync"]  # the file, the rename, the folder's entry
 
 
+def test_a_file_system_that_cannot_sync_still_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fd: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refuse)  # as some network and FUSE mounts do
+    History(train_loss=[1.0]).save(tmp_path / "history.json")
+    assert History.load(tmp_path / "history.json").train_loss == [1.0]
+
+
 @pytest.mark.parametrize("val_scores, best_epoch", [([50.0, 70.0, 60.0], 2), ([50.0, 70.0, 70.0], 3)],
                          ids=["rise-then-fall", "tie"])
 def test_validation_is_scored_every_epoch_and_best_pt_follows_it(
