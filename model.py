@@ -407,22 +407,30 @@ def _output_shape(model: nn.Module) -> tuple[int, ...]:
         model.train(was_training)
 
 
-def _weighted_layers_after(model: nn.Module, pool: nn.Module) -> list[nn.Module]:
-    """The layers with weights that run after `pool`, in the order they run."""
+def _weighted_layers_after(model: nn.Module, pool: nn.Module, call: int) -> list[nn.Module]:
+    """The layers with weights that run after the `call`-th run (from 0) of `pool`, in order.
+
+    A layer with weights is a conv or linear layer (weight-normalised ones included, whose
+    weights live in a child) or any module that holds parameters itself.
+    """
     ran: list[nn.Module] = []
 
     def record(module: nn.Module, args: tuple, output: object) -> None:
         ran.append(module)
 
-    leaves = [m for m in model.modules() if not any(m.children())]
-    handles = [m.register_forward_hook(record) for m in leaves]
+    handles = [m.register_forward_hook(record) for m in model.modules()]
     try:
         _output_shape(model)
     finally:
         for handle in handles:
             handle.remove()
-    after = ran[ran.index(pool) + 1 :] if pool in ran else []
-    return [m for m in after if next(m.parameters(), None) is not None]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    inside = {id(part) for layer in layers for part in layer.modules() if part is not layer}
+    pool_runs = [i for i, module in enumerate(ran) if module is pool]
+    after = ran[pool_runs[call] + 1 :] if call < len(pool_runs) else []
+    return [m for m in after if id(m) not in inside and (
+        isinstance(m, (nn.Conv2d, nn.Linear)) or next(m.parameters(recurse=False), None) is not None
+    )]
 
 
 def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
@@ -440,7 +448,11 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     ]
     dilated = [layer.name for layer in convs if layer.dilation > 1]
     separable = _separable_pairs(body)
-    head = _weighted_layers_after(model, layers[gap].module) if gap is not None else []
+    head = []
+    if gap is not None:
+        pool = layers[gap].module
+        earlier_runs = sum(layer.module is pool for layer in layers[:gap])
+        head = _weighted_layers_after(model, pool, earlier_runs)
     head_is_1x1 = bool(head) and all(
         isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
         for m in head

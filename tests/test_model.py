@@ -246,6 +246,27 @@ def test_brief_check_takes_a_fully_connected_layer_after_the_pool() -> None:
     assert rows["global average pooling, then 1x1 conv/FC"].measured == "head.0 -> FC"
 
 
+def test_brief_check_sees_weight_normalised_and_home_made_layers_after_the_pool() -> None:
+    class Scale(nn.Module):
+        """Weights of its own, but neither a 1x1 conv nor an FC layer."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    normalised = nn.utils.parametrizations.weight_norm(nn.Conv2d(16, 10, 1))
+    passing = BriefNet(head=nn.Sequential(nn.AdaptiveAvgPool2d(1), normalised, nn.Flatten()))
+    failing = BriefNet(head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 10, 1),
+                                          nn.Flatten(), Scale()))
+    assert failed_rules(passing) == set()
+    rows = {row.rule: row for row in check_brief(failing)}
+    assert not rows["global average pooling, then 1x1 conv/FC"].passed
+    assert rows["global average pooling, then 1x1 conv/FC"].measured == "head.0 -> 1x1, Scale"
+
+
 def test_brief_check_counts_frozen_weights_in_the_budget() -> None:
     frozen = nn.Conv2d(16, 16, 3, padding=8, dilation=8)
     big = nn.Conv2d(16, 4096, 1)  # 69,632 weights
