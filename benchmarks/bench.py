@@ -94,25 +94,27 @@ def layer_milliseconds(
 ) -> list[dict]:
     """Milliseconds of forward and backward for each layer of `model`, timed alone on the CPU.
 
-    Each leaf module runs on a random input laid out in memory as the one it reads in the
-    model (its shape and strides: a channel slice of a channels-last map is not itself
-    channels-last, and conv kernels differ by layout), in the precision `fit` trains with;
-    the gradient of its input is computed except where it reads the images. Each gets the
-    median of `steps` timed runs. Timed alone a layer misses what runs between layers
-    (shortcut additions, concatenations, functional activations, the loss, the optimizer)
-    and reads its input from cold memory, so the sum is a guide to the step's time, not a
-    part of it.
+    Each leaf module that runs gets a random input laid out in memory as the one it reads in
+    the model (shape, strides and dtype: a channel slice of a channels-last map is not itself
+    channels-last, and conv kernels differ by layout), under the autocast `fit` trains with;
+    the gradient of its input is computed except where it reads the images. A row holds the
+    median of max(`steps`, 5) timed runs of one call, times the calls per forward pass.
+    Timed alone a layer misses what runs between layers (shortcut additions,
+    concatenations, functional activations, the loss, the optimizer) and reads its input
+    from cold memory, so the sum is a guide to the step's time, not a part of it.
     """
     cpu = torch.device("cpu")
     model = copy.deepcopy(model).to(cpu, memory_format=memory_format(cpu)).train()
     images = torch.randn(batch_size, *INPUT_SHAPE).contiguous(memory_format=memory_format(cpu))
     layouts: dict[nn.Module, tuple] = {}
+    calls: dict[nn.Module, int] = {}
 
     def record(module: nn.Module, args: tuple) -> None:
         x = args[0]
         storage = x.untyped_storage().nbytes() // x.element_size()
-        layouts.setdefault(module, (x.shape, x.stride(), x.storage_offset(), storage,
+        layouts.setdefault(module, (x.shape, x.stride(), x.storage_offset(), storage, x.dtype,
                                     x is not images))
+        calls[module] = calls.get(module, 0) + 1
 
     leaves = [(n, m) for n, m in model.named_modules() if not any(m.children())]
     handles = [m.register_forward_pre_hook(record) for _, m in leaves]
@@ -122,20 +124,25 @@ def layer_milliseconds(
         handle.remove()
     rows = []
     for name, module in leaves:
-        shape, stride, offset, storage, needs_grad = layouts[module]
-        source = torch.randn(storage).as_strided(shape, stride, offset)
+        if module not in layouts:
+            continue
+        shape, stride, offset, storage, dtype, needs_grad = layouts[module]
+        source = torch.randn(storage, dtype=dtype).as_strided(shape, stride, offset)
         timings = []
         for _ in range(1 + max(steps, 5)):  # the first run allocates, picks kernels: not counted
+            module.zero_grad(set_to_none=True)
             x = source.detach().requires_grad_(needs_grad)
             if getattr(module, "inplace", False):
                 x = x.clone()  # an in-place layer may not write a leaf; its input is dense
             start = time.perf_counter()
             with autocast(cpu, mixed_precision):
                 y = module(x)
-            y.backward(torch.ones_like(y))
+            if y.requires_grad:  # not where a frozen layer reads the images
+                y.backward(torch.ones_like(y))
             timings.append(time.perf_counter() - start)
         rows.append({"layer": name, "module": _describe(module), "input": list(shape[1:]),
-                     "ms": round(1e3 * statistics.median(timings[1:]), 1)})
+                     "calls": calls[module],
+                     "ms": round(1e3 * statistics.median(timings[1:]) * calls[module], 1)})
     return rows
 
 
@@ -422,15 +429,14 @@ def net_costs(
     model: nn.Module, batch_size: int, steps: int, mixed_precision: bool, layers: bool = False
 ) -> dict:
     """Parameters, multiply-adds and CPU training speed of a net; per layer too if `layers`."""
+    images_per_s = cpu_train_throughput(model, batch_size, steps, mixed_precision=mixed_precision)
     costs = {
         "parameters": count_parameters(model),
         "multiply_adds": multiply_adds(model),
-        "cpu_train_images_per_s": round(
-            cpu_train_throughput(model, batch_size, steps, mixed_precision=mixed_precision)
-        ),
+        "cpu_train_images_per_s": round(images_per_s),
     }
     if layers:
-        costs["cpu_train_step_ms"] = round(1e3 * batch_size / costs["cpu_train_images_per_s"], 1)
+        costs["cpu_train_step_ms"] = round(1e3 * batch_size / images_per_s, 1)
         costs["cpu_layer_ms"] = layer_milliseconds(model, batch_size, steps, mixed_precision)
     return costs
 
@@ -604,8 +610,11 @@ def layer_lines(name: str, entry: dict, shown: int = 8) -> list[str]:
              f"{step:,.0f} ms training step:"]
     lines += [f"  {row['ms']:8,.1f} ms {row['ms'] / step:6.1%}  {row['layer']}: {row['module']} "
               f"on {'x'.join(map(str, row['input']))}" for row in layers[:shown]]
-    rest = sum(row["ms"] for row in layers[shown:])
-    lines.append(f"  {rest:8,.1f} ms {rest / step:6.1%}  the other {len(layers) - shown} layers")
+    if len(layers) > shown:
+        rest = sum(row["ms"] for row in layers[shown:])
+        lines.append(f"  {rest:8,.1f} ms {rest / step:6.1%}  the other {len(layers) - shown} layers")
+    total = sum(row["ms"] for row in layers)
+    lines.append(f"  {total:8,.1f} ms {total / step:6.1%}  all {len(layers)} layers, timed alone")
     return lines
 
 

@@ -224,6 +224,32 @@ def test_each_layer_is_timed_on_the_input_it_reads_in_the_net() -> None:
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), "a copy is timed"
 
 
+def test_each_layer_is_timed_on_an_input_laid_out_as_in_the_net(monkeypatch) -> None:
+    # MixedKernelBlock's 7x7 conv reads a channel slice of a channels-last map: not dense.
+    strides = []
+    conv_forward = nn.Conv2d._conv_forward
+
+    def spy(self, x, weight, bias):
+        if self.kernel_size == (7, 7) and self.dilation == (1, 1):
+            strides.append(x.stride())
+        return conv_forward(self, x, weight, bias)
+
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", spy)
+    layer_milliseconds(MixedKernelNet(), batch_size=2, steps=1)
+    # The forward pass runs the six blocks' 7x7 convs; then c1.1.wide is timed 6 times.
+    in_net, timed = strides[0], strides[6:12]
+    dense = torch.empty(2, 16, 32, 32).contiguous(memory_format=torch.channels_last).stride()
+    assert in_net != dense
+    assert set(timed) == {in_net}
+
+
+@pytest.mark.parametrize("name", ["WhitenedNet", "MixedKernelNet", "Net"])
+def test_every_kind_of_net_can_be_timed_layer_by_layer(name: str) -> None:
+    images, _ = synthetic_cifar10(64, seed=0)
+    rows = layer_milliseconds(build_net(name, images), batch_size=2, steps=1)
+    assert rows and all(row["ms"] > 0 and row["calls"] == 1 for row in rows)
+
+
 def test_the_layer_lines_rank_the_slowest_against_the_step() -> None:
     layers = [{"layer": f"l{i}", "module": "ReLU", "input": [8, 4, 4], "ms": float(i)}
               for i in range(1, 11)]
@@ -231,6 +257,9 @@ def test_the_layer_lines_rank_the_slowest_against_the_step() -> None:
     assert lines[1].split() == ["10.0", "ms", "10.0%", "l10:", "ReLU", "on", "8x4x4"]
     assert lines[2].split()[:4] == ["9.0", "ms", "9.0%", "l9:"]
     assert lines[3].split()[:3] == ["36.0", "ms", "36.0%"] and "the other 8 layers" in lines[3]
+    assert lines[4].split()[:3] == ["55.0", "ms", "55.0%"] and "all 10 layers" in lines[4]
+    everything = layer_lines("Tiny", {"cpu_train_step_ms": 100.0, "cpu_layer_ms": layers}, shown=10)
+    assert len(everything) == 12 and "the other" not in everything[-2]
 
 
 def test_quick_mode_times_net_unless_other_nets_are_named() -> None:
