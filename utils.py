@@ -449,7 +449,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def _sync(fd: int) -> None:
-    """Flush an open file to the disk; a file system that cannot sync (EINVAL) is let be."""
+    """Flush an open file to the disk; a file system that cannot sync (EINVAL, ENOTSUP) is let be."""
     try:
         os.fsync(fd)
     except OSError as err:
@@ -458,17 +458,17 @@ def _sync(fd: int) -> None:
 
 
 def _sync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename) to the disk, where the system lets a folder be opened.
+    """Flush a folder's entries (a rename) to the disk: best effort, any failure ignored.
 
-    Best effort: the file is already written, so a folder that cannot be opened or synced
-    (Windows, some network and FUSE mounts) costs only the rename's durability.
+    The file itself is already written and synced, so a folder that cannot be opened or
+    synced (Windows, some network and FUSE mounts) costs only the rename's durability.
     """
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
-        _sync(fd)
+        os.fsync(fd)
     except OSError:
         pass
     finally:

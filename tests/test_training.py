@@ -199,7 +199,7 @@ def test_resume_with_loader_workers_matches_an_uninterrupted_run(tmp_path: Path)
     resumed = run(InterruptAt(), checkpoint_dir=tmp_path, resume=True)
     assert resumed.train_loss == full.train_loss
     assert resumed.test_acc == full.test_acc
-    assert resumed.batch_lr == pytest.approx(full.batch_lr)
+    assert resumed.batch_lr == full.batch_lr
 
 
 @pytest.fixture(scope="module")
@@ -1575,15 +1575,29 @@ def test_a_saved_file_reaches_the_disk_before_it_replaces_the_old_one(
     assert events == ["sync", "rename", "sync"]  # the file, the rename, the folder's entry
 
 
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
 def test_a_file_system_that_cannot_sync_still_saves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     def refuse(fd: int) -> None:
-        raise OSError(errno.EINVAL, "Invalid argument")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, "fsync", refuse)  # as some network and FUSE mounts do
     History(train_loss=[1.0]).save(tmp_path / "history.json")
     assert History.load(tmp_path / "history.json").train_loss == [1.0]
+
+
+def test_a_sync_that_fails_to_write_fails_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        History(train_loss=[1.0]).save(tmp_path / "history.json")
+    assert not (tmp_path / "history.json").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
 @pytest.mark.parametrize("val_scores, best_epoch", [([50.0, 70.0, 60.0], 2), ([50.0, 70.0, 70.0], 3)],
