@@ -395,35 +395,35 @@ def _is_global_average_pool(layer: _Layer) -> bool:
     return layer.is_global_pool and isinstance(layer.module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d))
 
 
-def _output_shape(model: nn.Module) -> tuple[int, ...]:
-    """Shape of the model's output for a batch of two zero images."""
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            return tuple(model(torch.zeros(2, *INPUT_SHAPE, device=device)).shape)
-    finally:
-        model.train(was_training)
-
-
-def _weighted_layers_after(model: nn.Module, pool: nn.Module, call: int) -> list[nn.Module]:
-    """The layers with weights that run after the `call`-th run (from 0) of `pool`, in order.
-
-    A layer with weights is a conv or linear layer (weight-normalised ones included, whose
-    weights live in a child) or any module that holds parameters itself.
-    """
+def _run_order(model: nn.Module) -> tuple[list[nn.Module], tuple[int, ...]]:
+    """Every module in the order its forward pass ends, and the output's shape, for two zero images."""
     ran: list[nn.Module] = []
 
     def record(module: nn.Module, args: tuple, output: object) -> None:
         ran.append(module)
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
+    was_training = model.training
     try:
-        _output_shape(model)
+        model.eval()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            shape = tuple(model(torch.zeros(2, *INPUT_SHAPE, device=device)).shape)
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
+    return ran, shape
+
+
+def _weighted_layers_after(
+    model: nn.Module, ran: list[nn.Module], pool: nn.Module, call: int
+) -> list[nn.Module]:
+    """The layers with weights in `ran` after the `call`-th run (from 0) of `pool`, in order.
+
+    A layer with weights is a conv or linear layer (weight-normalised ones included, whose
+    weights live in a child) or any module that holds parameters itself.
+    """
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     inside = {id(part) for layer in layers for part in layer.modules() if part is not layer}
     pool_runs = [i for i, module in enumerate(ran) if module is pool]
@@ -448,18 +448,18 @@ def check_brief(model: nn.Module, num_classes: int = 10) -> list[BriefCheck]:
     ]
     dilated = [layer.name for layer in convs if layer.dilation > 1]
     separable = _separable_pairs(body)
+    ran, outputs = _run_order(model)
     head = []
     if gap is not None:
         pool = layers[gap].module
         earlier_runs = sum(layer.module is pool for layer in layers[:gap])
-        head = _weighted_layers_after(model, pool, earlier_runs)
+        head = _weighted_layers_after(model, ran, pool, earlier_runs)
     head_is_1x1 = bool(head) and all(
         isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
         for m in head
     )
     params = sum(p.numel() for p in model.parameters())  # frozen weights count too
     rf = _feature_receptive_field(layers, output_field)
-    outputs = _output_shape(model)
     return [
         BriefCheck("blocks C1 C2 C3 C4 + head", ", ".join(blocks), len(blocks) == 5),
         BriefCheck("parameters < 200,000", f"{params:,}", params < MAX_PARAMETERS),

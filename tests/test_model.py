@@ -267,6 +267,26 @@ def test_brief_check_sees_weight_normalised_and_home_made_layers_after_the_pool(
     assert rows["global average pooling, then 1x1 conv/FC"].measured == "head.0 -> 1x1, Scale"
 
 
+def test_brief_check_reads_the_head_after_the_pool_run_that_was_global() -> None:
+    class PoolTwice(nn.Module):
+        """One 4x4 pool module run twice: on 32x32 (not global), then on 4x4 (global)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.pool = nn.AvgPool2d(4)
+            self.c2 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+            self.head = nn.Conv2d(16, 10, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.c2(self.pool(self.c1(x)))
+            return self.head(self.pool(x)).flatten(1)
+
+    rows = {row.rule: row for row in check_brief(PoolTwice())}
+    assert rows["global average pooling, then 1x1 conv/FC"].measured == "pool -> 1x1"
+    assert rows["global average pooling, then 1x1 conv/FC"].passed
+
+
 def test_brief_check_counts_frozen_weights_in_the_budget() -> None:
     frozen = nn.Conv2d(16, 16, 3, padding=8, dilation=8)
     big = nn.Conv2d(16, 4096, 1)  # 69,632 weights
